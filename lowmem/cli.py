@@ -1,0 +1,36 @@
+"""Command line: `python train.py CONFIG.yaml [dotted.key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lowmem.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description="Pretrain or fine-tune a LLaMA-style model.")
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optimizer.lr=0.01")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    from lowmem.trainer import Trainer, TrainingDiverged
+
+    try:
+        trainer = Trainer(config)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        final = trainer.fit()
+    except TrainingDiverged as err:
+        print(f"training stopped: {err}; the last good checkpoint is kept in {trainer.run_dir}", file=sys.stderr)
+        return 1
+    if "eval_ppl" in final:
+        print(f"done: step {final['step']}, eval loss {final['eval_loss']:.4f}, eval perplexity "
+              f"{final['eval_ppl']:.2f}; run directory {trainer.run_dir}")
+    return 0

@@ -1,0 +1,383 @@
+"""Typed run configuration: YAML files with `include`, dotted command-line overrides, strict validation.
+
+Every section is a dataclass. Loading walks the YAML tree against the dataclasses, so an unknown key, a wrong
+type or an impossible value fails before any work starts, with the dotted key in the message and, for a
+misspelled key or name, the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelled, of the wrong type or impossible."""
+
+
+def closest(word: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = "llama_9m"
+    pretrained: Optional[str] = None  # local path or hub name; replaces the preset
+    activation_checkpointing: bool = False
+    # Any of these overrides the preset; None keeps the preset's value.
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    vocab_size: Optional[int] = None  # None: the tokenizer's size
+    max_position_embeddings: Optional[int] = None
+    # Further LlamaConfig fields by name (rope_theta, rms_norm_eps, tie_word_embeddings, ...).
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BPEConfig:
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    max_chars: int = 50_000_000  # characters of training text read to fit the BPE merges
+
+
+@dataclass
+class TokenizerConfig:
+    name: Optional[str] = None  # hub name (t5-base) or local directory; with a pretrained model, its own
+    train_bpe: Optional[BPEConfig] = None  # fit a byte-level BPE (the default when no name is given)
+
+
+@dataclass
+class DataConfig:
+    # embedded: this interpreter's standard-library sources (no download); hub: a datasets hub name;
+    # files: local text/jsonl/parquet files or globs; prepared: a directory written by data/prepare.py.
+    source: Literal["embedded", "hub", "files", "prepared"] = "embedded"
+    name: Optional[str] = None  # hub dataset name, e.g. allenai/c4
+    subset: Optional[str] = None  # hub config name, e.g. en
+    files: list = field(default_factory=list)  # paths or globs for source=files
+    path: Optional[str] = None  # directory for source=prepared
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    split: str = "train"
+    eval_split: Optional[str] = None  # None: hold out eval_fraction of the training documents
+    eval_fraction: float = 0.02
+    streaming: bool = False
+    shuffle_buffer: int = 10_000  # streaming only
+    seq_len: int = 256
+    packing: bool = True  # False: each document truncated/padded to seq_len (the papers' mode)
+    max_docs: Optional[int] = None  # cap on training documents read (map-style sources)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 100  # optimizer updates
+    max_tokens: Optional[int] = None  # when set, overrides max_steps
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables
+    precision: Literal["fp32", "bf16_autocast", "bf16"] = "fp32"
+    eval_every: int = 50  # 0: only at the end
+    eval_tokens: int = 32_768
+    eval_batch_size: Optional[int] = None
+    log_every: int = 10
+    device: str = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: Optional[str] = None  # None | "auto" | a checkpoint directory
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: Any = None  # an OptimizerOptions subclass chosen by `optimizer.name` (lowmem.optim.registry)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{closest(str(value), map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if args and origin is tuple and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        if args:
+            return type(value)(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        return list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{dotted}'{closest(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML loading: include, merge, overrides
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_include(name: str, relative_to: Path) -> Path:
+    for candidate in (relative_to / name, PACKAGE_CONFIGS / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"include: file '{name}' not found (looked in {relative_to} and {PACKAGE_CONFIGS})")
+
+
+def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML file and the files its `include:` names (earlier includes first, this file last)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"include cycle through '{path}'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at top level")
+    includes = data.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for name in includes:
+        merged = deep_merge(merged, read_yaml_tree(_resolve_include(name, path.parent), _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def apply_override(tree: dict, override: str) -> dict:
+    """Apply one `dotted.key=value` override; the value is parsed as YAML (numbers, lists, null...)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read, merge, override and validate a configuration. Raises ConfigError on any bad key or value."""
+    tree = read_yaml_tree(path) if path is not None else {}
+    for override in overrides:
+        tree = apply_override(tree, override)
+    return config_from_tree(tree)
+
+
+def config_from_tree(tree: dict) -> Config:
+    from lowmem.optim.registry import parse_optimizer_options
+
+    tree = dict(tree)
+    optimizer_tree = tree.pop("optimizer", None) or {"name": "adamw"}
+    config = from_dict(Config, tree)
+    config.optimizer = parse_optimizer_options(optimizer_tree)
+    validate(config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Value checks that types cannot express
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    from lowmem.model import MODEL_PRESETS
+    from lowmem.schedule import SCHEDULES
+
+    m, d, t, c = config.model, config.data, config.train, config.checkpoint
+    if m.pretrained is None:
+        _require(m.preset is not None, "model.preset: set a preset or model.pretrained")
+        _require(m.preset in MODEL_PRESETS,
+                 f"model.preset: unknown preset '{m.preset}'{closest(str(m.preset), MODEL_PRESETS)}; "
+                 f"choose from {sorted(MODEL_PRESETS)}")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+        value = getattr(m, key)
+        _require(value is None or value > 0, f"model.{key}: must be positive, got {value}")
+    if config.tokenizer.name is None and config.tokenizer.train_bpe is None:
+        if m.pretrained is not None:
+            config.tokenizer.name = m.pretrained  # a pretrained model brings its own tokenizer
+        else:
+            config.tokenizer.train_bpe = BPEConfig()  # default: fit a byte-level BPE on the training split
+    if config.tokenizer.name is not None and config.tokenizer.train_bpe is not None:
+        raise ConfigError("tokenizer: set tokenizer.name or tokenizer.train_bpe, not both")
+    if config.tokenizer.train_bpe is not None:
+        _require(config.tokenizer.train_bpe.vocab_size >= 260,
+                 f"tokenizer.train_bpe.vocab_size: must be at least 260 (256 bytes + specials), "
+                 f"got {config.tokenizer.train_bpe.vocab_size}")
+
+    if d.source == "hub":
+        _require(d.name is not None, "data.name: a hub dataset name is needed when data.source is 'hub'")
+    if d.source == "files":
+        _require(len(d.files) > 0, "data.files: list at least one file or glob when data.source is 'files'")
+        import glob
+
+        for pattern in d.files:
+            _require(len(glob.glob(str(pattern))) > 0, f"data.files: no file matches '{pattern}'")
+    if d.source == "prepared":
+        _require(d.path is not None and Path(d.path).is_dir(),
+                 f"data.path: prepared data directory '{d.path}' not found")
+    _require(d.seq_len >= 8, f"data.seq_len: must be at least 8, got {d.seq_len}")
+    _require(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
+
+    _require(t.batch_size >= 1, f"train.batch_size: must be at least 1, got {t.batch_size}")
+    _require(t.grad_accum >= 1, f"train.grad_accum: must be at least 1, got {t.grad_accum}")
+    _require(t.max_steps >= 1, f"train.max_steps: must be at least 1, got {t.max_steps}")
+    _require(t.max_tokens is None or t.max_tokens > 0, f"train.max_tokens: must be positive, got {t.max_tokens}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    _require(t.grad_clip >= 0.0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
+    _require(t.eval_every >= 0, f"train.eval_every: must be >= 0, got {t.eval_every}")
+    _require(t.eval_tokens >= 1, f"train.eval_tokens: must be positive, got {t.eval_tokens}")
+    _require(t.log_every >= 1, f"train.log_every: must be at least 1, got {t.log_every}")
+    _require(t.schedule in SCHEDULES,
+             f"train.schedule: unknown schedule '{t.schedule}'{closest(t.schedule, SCHEDULES)}; "
+             f"choose from {sorted(SCHEDULES)}")
+    _require(c.every >= 0, f"checkpoint.every: must be >= 0, got {c.every}")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
+    if c.resume not in (None, "auto"):
+        _require(Path(c.resume).is_dir(), f"checkpoint.resume: checkpoint directory '{c.resume}' not found")
+    if config.optimizer.update_in_backward:
+        _require(t.grad_clip == 0.0,
+                 "optimizer.update_in_backward: global gradient clipping needs every gradient at once; "
+                 "set train.grad_clip=0 to update in backward")

@@ -1,0 +1,81 @@
+"""LLaMA-style models: the reference presets as transformers `LlamaConfig`s, or a pretrained checkpoint."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from lowmem.config import ConfigError, ModelConfig, closest
+
+# Shapes of the GaLore/Fira/OSD benchmark configs (vocab 32000, untied head, RMSNorm eps 1e-6, no biases).
+MODEL_PRESETS: dict[str, dict] = {
+    "llama_9m": dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=4),
+    "llama_20m": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4),
+    "llama_35m": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=8, num_hidden_layers=6),
+    "llama_60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
+    "llama_130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
+    "llama_350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
+    "llama_1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
+    "llama_7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
+                     max_position_embeddings=2048),
+}
+
+PRESET_COMMON = dict(vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.02,
+                     hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                     bos_token_id=0, eos_token_id=1, pad_token_id=None)
+
+OVERRIDABLE = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "num_hidden_layers", "vocab_size", "max_position_embeddings")
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int | None = None) -> LlamaConfig:
+    """The preset's LlamaConfig with every override from `cfg` applied; `vocab_size` from the tokenizer."""
+    fields = dict(PRESET_COMMON, **MODEL_PRESETS[cfg.preset])
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    fields.update({key: getattr(cfg, key) for key in OVERRIDABLE if getattr(cfg, key) is not None})
+    known = set(LlamaConfig().to_dict())
+    for key in cfg.extra:
+        if key not in known:
+            raise ConfigError(f"model.extra.{key}: not a LlamaConfig field{closest(key, known)}")
+    fields.update(cfg.extra)
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise ConfigError(f"model.hidden_size: {fields['hidden_size']} is not divisible by "
+                          f"model.num_attention_heads {fields['num_attention_heads']}")
+    kv_heads = fields.get("num_key_value_heads") or fields["num_attention_heads"]
+    if fields["num_attention_heads"] % kv_heads:
+        raise ConfigError(f"model.num_key_value_heads: {kv_heads} does not divide "
+                          f"model.num_attention_heads {fields['num_attention_heads']}")
+    return LlamaConfig(**fields)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A fresh preset model, or `cfg.pretrained` (local directory or hub name) loaded with its weights."""
+    if cfg.pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
+    else:
+        with torch.device(device):
+            model = LlamaForCausalLM(llama_config(cfg, vocab_size)).to(dtype)
+    model.to(device)
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_meta_model(cfg: ModelConfig, vocab_size: int | None = None) -> PreTrainedModel:
+    """The model's structure with no storage, to check shapes before any work is done."""
+    if cfg.pretrained is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.pretrained)
+    else:
+        config = llama_config(cfg, vocab_size)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
+    return {"total": total, "trainable": trainable, "non_embedding": total - embedding}

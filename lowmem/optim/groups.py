@@ -1,0 +1,44 @@
+"""Split a model's parameters into optimizer groups by module-name patterns."""
+from __future__ import annotations
+
+from torch import nn
+
+from lowmem.optim.registry import OptimizerOptions
+
+
+def is_projectable(name: str, param, options: OptimizerOptions) -> bool:
+    """A 2-D weight of a module whose name contains one of `options.target_modules`."""
+    module_name = name.rsplit(".", 1)[0]
+    return param.ndim == 2 and any(pattern in module_name for pattern in options.target_modules)
+
+
+def param_groups(model: nn.Module, options: OptimizerOptions) -> list[dict]:
+    """Up to three groups: projected weights, other decayed weights, and no-decay parameters.
+
+    Group keys: params, names, weight_decay, projected. Frozen parameters are left out. Extra keys are
+    ignored by torch optimizers and read by lowmem's projection optimizers.
+    """
+    projected, decay, no_decay = ([], []), ([], []), ([], [])
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if is_projectable(name, param, options):
+            bucket = projected
+        elif param.ndim < 2 or any(pattern in name for pattern in options.no_decay):
+            bucket = no_decay
+        else:
+            bucket = decay
+        bucket[0].append(name)
+        bucket[1].append(param)
+    groups = [
+        {"names": names, "params": params, "weight_decay": wd, "projected": is_proj}
+        for (names, params), wd, is_proj in (
+            (projected, options.weight_decay, True),
+            (decay, options.weight_decay, False),
+            (no_decay, 0.0, False),
+        )
+        if params
+    ]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return groups

@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowmem.config import ConfigError, load_config
+from lowmem.model import build_meta_model
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    if config.model.pretrained is None:  # shapes are known offline: check optimizer values against them
+        from lowmem.optim.groups import param_groups
+
+        meta = build_meta_model(config.model, config.model.vocab_size or 32000)
+        groups = param_groups(meta, config.optimizer)
+        config.optimizer.validate_for_model(
+            {n: tuple(p.shape) for g in groups if g["projected"] for n, p in zip(g["names"], g["params"])})
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "c4_pretrain.yaml", "finetune.yaml"} <= names
+    assert {f"llama_{s}.yaml" for s in ("9m", "20m", "35m", "60m", "130m", "350m", "1b", "7b")} <= names
+
+
+def test_include_merges_and_overrides_win(tmp_path):
+    write(tmp_path / "base.yaml", {"train": {"batch_size": 4, "max_steps": 7}, "tokenizer": {"name": "t5-base"}})
+    child = write(tmp_path / "child.yaml", {"include": "base.yaml", "train": {"max_steps": 9}})
+    config = load_config(child, ["train.batch_size=2", "optimizer.lr=0.02", "model.preset=llama_20m"])
+    assert config.train.batch_size == 2
+    assert config.train.max_steps == 9
+    assert config.optimizer.lr == pytest.approx(0.02)
+    assert config.model.preset == "llama_20m"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.bach_size=4"], "unknown key 'train.bach_size' (did you mean 'batch_size'?)"),
+    (["trian.batch_size=4"], "unknown key 'trian' (did you mean 'train'?)"),
+    (["optimizer.name=adamm"], "unknown optimizer 'adamm' (did you mean 'adamw'?)"),
+    (["optimizer.lrr=0.1"], "unknown key 'optimizer.lrr' (did you mean 'lr'?)"),
+    (["model.preset=llama_60"], "unknown preset 'llama_60' (did you mean 'llama_60m'?)"),
+    (["train.precision=bf61"], "train.precision: 'bf61' is not one of"),
+    (["train.schedule=cosin"], "unknown schedule 'cosin' (did you mean 'cosine'?)"),
+])
+def test_misspelled_keys_and_names_suggest_the_closest(tmp_path, override, message):
+    base = write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(base, override)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer.lr=-0.001", "optimizer.lr"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.batch_size=two", "train.batch_size"),
+    ("train.max_steps=1.5", "train.max_steps"),
+    ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+    ("data.seq_len=0", "data.seq_len"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer.betas[1]"),
+])
+def test_impossible_values_name_the_key(tmp_path, override, key):
+    base = write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"}})
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(base, [override])
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "nowhere.yaml")
+    base = write(tmp_path / "c.yaml", {"include": "missing_base.yaml"})
+    with pytest.raises(ConfigError, match="missing_base.yaml"):
+        load_config(base)
+    base = write(tmp_path / "d.yaml", {"tokenizer": {"name": "t5-base"},
+                                       "data": {"source": "files", "files": [str(tmp_path / "no_*.txt")]}})
+    with pytest.raises(ConfigError, match="no_\\*.txt"):
+        load_config(base)
+    base = write(tmp_path / "e.yaml", {"tokenizer": {"name": "t5-base"}, "checkpoint": {"resume": str(tmp_path / "ck")}})
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        load_config(base)
+
+
+def test_update_in_backward_refuses_global_clipping(tmp_path):
+    base = write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"}})
+    with pytest.raises(ConfigError, match="grad_clip"):
+        load_config(base, ["optimizer.update_in_backward=true", "train.grad_clip=1.0"])
+    assert load_config(base, ["optimizer.update_in_backward=true", "train.grad_clip=0"]).optimizer.update_in_backward
+
+
+def test_unknown_llama_field_is_rejected_with_suggestion(tmp_path):
+    from lowmem.model import llama_config
+
+    config = load_config(write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"},
+                                                      "model": {"extra": {"rms_norm_epss": 1e-5}}}))
+    with pytest.raises(ConfigError, match="model.extra.rms_norm_epss.*rms_norm_eps"):
+        llama_config(config.model, 100)
