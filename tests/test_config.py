@@ -5,6 +5,7 @@ import yaml
 
 from lowmem.config import ConfigError, load_config
 from lowmem.model import build_meta_model
+from lowmem.optim.groups import check_options_against_model
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
 
@@ -16,14 +17,20 @@ def write(path: Path, data: dict) -> Path:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_shipped_config_validates(path):
-    config = load_config(path)
-    if config.model.pretrained is None:  # shapes are known offline: check optimizer values against them
-        from lowmem.optim.groups import param_groups
+    if "studies" in path.parts:
+        from lowmem.study import load_study
 
+        _, configs = load_study(path)
+    else:
+        configs = {path.name: load_config(path)}
+    for config in configs.values():
+        check_against_model_shapes(config)
+
+
+def check_against_model_shapes(config):
+    if config.model.pretrained is None:  # shapes are known offline: check optimizer values against them
         meta = build_meta_model(config.model, config.model.vocab_size or 32000)
-        groups = param_groups(meta, config.optimizer)
-        config.optimizer.validate_for_model(
-            {n: tuple(p.shape) for g in groups if g["projected"] for n, p in zip(g["names"], g["params"])})
+        check_options_against_model(meta, config.optimizer)
 
 
 def test_shipped_configs_exist():

@@ -42,3 +42,14 @@ def param_groups(model: nn.Module, options: OptimizerOptions) -> list[dict]:
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups
+
+
+def projected_shapes(groups: list[dict]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight in a projected group (what `validate_for_model` checks)."""
+    return {name: tuple(p.shape) for g in groups if g["projected"] for name, p in zip(g["names"], g["params"])}
+
+
+def check_options_against_model(model: nn.Module, options: OptimizerOptions) -> None:
+    """Raise ConfigError if an option is impossible for this model's weights (e.g. rank > a matrix side).
+    Works on a meta-device model, so it runs before any weight is allocated."""
+    options.validate_for_model(projected_shapes(param_groups(model, options)))

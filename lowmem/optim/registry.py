@@ -87,10 +87,10 @@ def parse_optimizer_options(tree: dict) -> OptimizerOptions:
 
 def build_optimizer(model: nn.Module, options: OptimizerOptions) -> torch.optim.Optimizer:
     """Group the model's trainable parameters and build the optimizer `options.name` names."""
-    from lowmem.optim.groups import param_groups
+    from lowmem.optim.groups import param_groups, projected_shapes
 
     groups = param_groups(model, options)
-    options.validate_for_model({n: p.shape for g in groups if g["projected"] for n, p in zip(g["names"], g["params"])})
+    options.validate_for_model(projected_shapes(groups))
     return OPTIMIZERS[options.name].build(groups, options)
 
 

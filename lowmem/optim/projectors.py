@@ -1,0 +1,301 @@
+"""Projectors: choose a basis P (b x r, b = the smaller side of a weight) and project gradients onto it.
+
+Every projector works on the *canonical* gradient Gc of shape (b, a), a >= b: Gc = G for a wide weight
+(m < n) and Gc = G^T otherwise, so GaLore's "left" and "right" cases are one code path. The core is
+P^T Gc (r x a) and the back-projection P core (b x a).
+
+A projector object is a stateless strategy shared by all weights; the per-weight state (basis, seed,
+indices, ...) lives in the optimizer's state dict for that weight, as tensors or python scalars, so
+`torch.load(weights_only=True)` reads it. `refresh` chooses a new basis (every `update_gap` updates, or
+only once for online PCA), `adapt` runs after every update (online PCA's step on P).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from lowmem.optim.adam_core import STATE_DTYPES, adam_direction, fresh_copy
+
+INDEX_BYTES = 8  # int64 indices
+RSVD_OVERSAMPLE = 8  # extra columns randomized SVD samples beyond the rank
+RSVD_ITERATIONS = 2  # power iterations of randomized SVD
+
+
+class RefreshKey(NamedTuple):
+    """Which weight (its position among projected weights) and which refresh: seeds every random draw."""
+
+    seed: int
+    matrix: int
+    refresh: int
+
+    def as_int(self) -> int:
+        return (self.seed * 1_000_003 + self.matrix) * 1_000_003 + self.refresh
+
+
+def canonical(grad: torch.Tensor) -> torch.Tensor:
+    """The (b, a) view of a 2-D gradient whose rows are the smaller side (GaLore: right-projection if m >= n)."""
+    return grad.T if grad.shape[0] >= grad.shape[1] else grad
+
+
+def small_side(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(b, a): the smaller and the larger side of a 2-D shape."""
+    return min(shape), max(shape)
+
+
+def _generator(key: RefreshKey, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(key.as_int() % (2 ** 63))
+
+
+def top_singular_basis(grad: torch.Tensor, rank: int, key: RefreshKey) -> torch.Tensor:
+    """The top-`rank` singular vectors of the smaller side of `grad` (original orientation), fp32, b x r.
+
+    SVD of G as stored, as GaLore does, so singular-vector signs match it. When LAPACK fails to converge
+    (ill-conditioned or repeated singular values), retry in float64 on a slightly jittered copy, then fall
+    back to randomized SVD.
+    """
+    matrix = grad.float()
+    try:
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        try:
+            jitter = torch.randn(matrix.shape, generator=_generator(key, matrix.device), device=matrix.device)
+            scale = 1e-7 * (matrix.norm() / math.sqrt(matrix.numel()) + 1e-30)
+            u, _, vh = torch.linalg.svd((matrix + scale * jitter).double(), full_matrices=False)
+        except RuntimeError:
+            return randomized_singular_basis(matrix, rank, key)
+    basis = vh[:rank].T if grad.shape[0] >= grad.shape[1] else u[:, :rank]
+    return basis.float()
+
+
+def randomized_singular_basis(grad: torch.Tensor, rank: int, key: RefreshKey) -> torch.Tensor:
+    """Top-`rank` singular vectors of the smaller side by randomized SVD (Halko et al.), seeded by `key`."""
+    matrix = grad.float()
+    q = min(rank + RSVD_OVERSAMPLE, *matrix.shape)
+    with torch.random.fork_rng(devices=[matrix.device] if matrix.device.type == "cuda" else []):
+        torch.manual_seed(key.as_int() % (2 ** 63))
+        u, _, v = torch.svd_lowrank(matrix, q=q, niter=RSVD_ITERATIONS)
+    return (v[:, :rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]).float()
+
+
+class Projector:
+    """A basis stored as a dense b x r matrix under state['basis']; subclasses say how it is chosen."""
+
+    periodic = True  # refreshed every update_gap updates; False: chosen once, then adapted every update
+
+    def __init__(self, state_dtype: str = "fp32", density: float = 1.0, seed: int = 0, num_matrices: int = 1,
+                 update_gap: int = 200):
+        self.state_dtype = STATE_DTYPES[state_dtype]
+        self.density = density
+        self.seed = seed
+        self.num_matrices = num_matrices
+        self.update_gap = update_gap
+
+    def refresh(self, state: dict, grad: torch.Tensor, rank: int, key: RefreshKey) -> None:
+        """Choose a new basis from the gradient `grad` (original orientation)."""
+        state["basis"] = fresh_copy(self.choose_basis(grad, rank, key), self.state_dtype)
+
+    def choose_basis(self, grad: torch.Tensor, rank: int, key: RefreshKey) -> torch.Tensor:
+        raise NotImplementedError
+
+    def basis(self, state: dict, rows: int, device: torch.device) -> torch.Tensor:
+        """The current basis as a dense fp32 b x r matrix (rows = b) on `device`."""
+        return state["basis"].float()
+
+    def core_rank(self, state: dict, rank: int, shape: tuple[int, ...]) -> int:
+        """Rows of the core this weight currently has (its Adam moments are core_rank x a)."""
+        return rank
+
+    def project(self, state: dict, grad_c: torch.Tensor) -> torch.Tensor:
+        return self.basis(state, grad_c.shape[0], grad_c.device).T @ grad_c
+
+    def project_back(self, state: dict, core: torch.Tensor, rows: int) -> torch.Tensor:
+        return self.basis(state, rows, core.device) @ core
+
+    def adapt(self, state: dict, grad_c: torch.Tensor, lr_factor: float) -> None:
+        """Called after every update; only online PCA moves its basis here."""
+
+    def state_bytes(self, shape: tuple[int, ...], rank: int, itemsize: int) -> int:
+        """Bytes this projector keeps in one weight's state (itemsize: bytes of a state element)."""
+        return small_side(shape)[0] * rank * itemsize
+
+
+class SVDProjector(Projector):
+    """GaLore: top-r singular vectors of the current gradient's smaller side, exact fp32 SVD."""
+
+    def choose_basis(self, grad, rank, key):
+        return top_singular_basis(grad, rank, key)
+
+
+class RandomizedSVDProjector(Projector):
+    """As SVD, by `torch.svd_lowrank` (cheaper when r << b)."""
+
+    def choose_basis(self, grad, rank, key):
+        return randomized_singular_basis(grad, rank, key)
+
+
+class SeededRandomProjector(Projector):
+    """A random orthonormal basis regenerated from a stored seed and draw counter; no matrix is stored.
+
+    Gaussian b x r orthonormalised by QR (signs fixed by diag R), so P P^T is a true projection and the
+    residual policies see G - P P^T G (APOLLO draws an unnormalised randn/sqrt(r); FRUGAL's random basis
+    is orthogonal like ours). Costs one draw and one QR of b x r per update instead of b*r stored elements.
+    """
+
+    def refresh(self, state, grad, rank, key):
+        state["seed"] = RefreshKey(key.seed, key.matrix, 0).as_int() % (2 ** 62)
+        state["draws"] = state.get("draws", 0) + 1
+        state["rank"] = rank
+
+    def basis(self, state, rows, device):
+        generator = torch.Generator(device=device).manual_seed(state["seed"] + state["draws"])
+        q, r = torch.linalg.qr(torch.randn(rows, state["rank"], generator=generator, device=device))
+        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+        return q * signs
+
+    def state_bytes(self, shape, rank, itemsize):
+        return 0
+
+
+class DCTProjector(Projector):
+    """SVD-free (DCT-AdamW): the r columns of a fixed orthonormal DCT-II basis Q (size b) whose
+    coefficients Q^T Gc have the largest l1-norms. Only the r indices are stored; Q is a constant rebuilt
+    on demand (cached per size and device, not optimizer state)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dct: dict[tuple[int, str], torch.Tensor] = {}
+
+    def dct_basis(self, size: int, device: torch.device) -> torch.Tensor:
+        cache_key = (size, str(device))
+        if cache_key not in self._dct:
+            j = torch.arange(size, dtype=torch.float64).unsqueeze(1)
+            k = torch.arange(size, dtype=torch.float64).unsqueeze(0)
+            q = torch.cos(math.pi * (2 * j + 1) * k / (2 * size)) * math.sqrt(2.0 / size)
+            q[:, 0] = math.sqrt(1.0 / size)
+            self._dct[cache_key] = q.float().to(device)
+        return self._dct[cache_key]
+
+    def refresh(self, state, grad, rank, key):
+        grad_c = canonical(grad).float()
+        scores = (self.dct_basis(grad_c.shape[0], grad_c.device).T @ grad_c).abs().sum(dim=1)
+        state["indices"] = torch.topk(scores, rank).indices.sort().values
+
+    def basis(self, state, rows, device):
+        return self.dct_basis(rows, device)[:, state["indices"]]
+
+    def state_bytes(self, shape, rank, itemsize):
+        return rank * INDEX_BYTES
+
+
+class CoordinateProjector(Projector):
+    """FRUGAL's coordinates: a random subset of r rows of Gc (r columns of the weight's smaller side).
+    Projection is a gather, back-projection a scatter; only the indices are stored."""
+
+    def refresh(self, state, grad, rank, key):
+        order = torch.randperm(min(grad.shape), generator=_generator(key, torch.device("cpu")))
+        state["indices"] = order[:rank].sort().values.to(grad.device)
+
+    def basis(self, state, rows, device):
+        return torch.eye(rows, device=device)[:, state["indices"]]
+
+    def project(self, state, grad_c):
+        return grad_c[state["indices"]].float()
+
+    def project_back(self, state, core, rows):
+        full = torch.zeros(rows, core.shape[1], dtype=core.dtype, device=core.device)
+        return full.index_copy_(0, state["indices"], core)
+
+    def state_bytes(self, shape, rank, itemsize):
+        return rank * INDEX_BYTES
+
+
+class BlockProjector(Projector):
+    """FRUGAL's blocks (its default): whole weights are active (full-rank Adam) or inactive (no moments,
+    all of the gradient is residual). At each refresh round(density * num_matrices) weights are drawn at
+    random; every weight draws the same permutation from (seed, refresh), so no coordination is needed.
+    The flag is a python bool in the weight's state."""
+
+    def refresh(self, state, grad, rank, key):
+        generator = _generator(RefreshKey(key.seed, 0, key.refresh), torch.device("cpu"))
+        chosen = torch.randperm(self.num_matrices, generator=generator)[: self.num_active]
+        state["active"] = bool((chosen == key.matrix).any())
+
+    @property
+    def num_active(self) -> int:
+        return max(1, round(self.density * self.num_matrices))
+
+    def core_rank(self, state, rank, shape):
+        return small_side(shape)[0] if state["active"] else 0
+
+    def basis(self, state, rows, device):
+        eye = torch.eye(rows, device=device)
+        return eye if state["active"] else eye[:, :0]
+
+    def project(self, state, grad_c):
+        return grad_c.float() if state["active"] else grad_c[:0].float()
+
+    def project_back(self, state, core, rows):
+        if state["active"]:
+            return core
+        return torch.zeros(rows, core.shape[1], dtype=core.dtype, device=core.device)
+
+    def state_bytes(self, shape, rank, itemsize):
+        return 0
+
+
+# Online PCA's optimizer on P, as OSD codes it: torch AdamW defaults with weight decay 0.01.
+OSD_BETAS = (0.9, 0.999)
+OSD_EPS = 1e-8
+OSD_WEIGHT_DECAY = 0.01
+
+
+class OnlinePCAProjector(Projector):
+    """Online Subspace Descent: P starts as the SVD basis, then after every update takes one AdamW step
+    on the online-PCA loss ||P P^T X - X||^2 with X = Gc / ||Gc|| (no orthonormality term, P never
+    re-orthonormalised: as OSD codes it). The P step uses lr = lr_factor / update_gap, lr_factor being
+    the weight lr's schedule factor. The step computed at update t is used from update t+1. State: P and
+    its two AdamW moments, b x r each, plus an int step."""
+
+    periodic = False
+
+    def choose_basis(self, grad, rank, key):
+        return top_singular_basis(grad, rank, key)
+
+    def refresh(self, state, grad, rank, key):
+        super().refresh(state, grad, rank, key)
+        state["basis_exp_avg"] = torch.zeros_like(state["basis"])
+        state["basis_exp_avg_sq"] = torch.zeros_like(state["basis"])
+        state["basis_step"] = 0
+        state["basis_fresh"] = True  # the first P step follows the update after the one that set it
+
+    def adapt(self, state, grad_c, lr_factor):
+        if state.pop("basis_fresh", False):
+            return
+        p = state["basis"].float()
+        x = grad_c.float() / (grad_c.float().norm() + 1e-30)
+        residual = p @ (p.T @ x) - x  # E = P P^T X - X
+        # d/dP ||E||^2 = 2 (E X^T P + X E^T P)
+        grad_p = 2.0 * (residual @ (x.T @ p) + x @ (residual.T @ p))
+        state["basis_step"] += 1
+        direction = adam_direction(grad_p, state["basis_exp_avg"], state["basis_exp_avg_sq"], state["basis_step"],
+                                   OSD_BETAS[0], OSD_BETAS[1], OSD_EPS, eps_scaled=True)
+        lr = lr_factor / self.update_gap
+        p.mul_(1.0 - lr * OSD_WEIGHT_DECAY).add_(direction, alpha=-lr)
+        if p is not state["basis"]:
+            state["basis"].copy_(p)
+
+    def state_bytes(self, shape, rank, itemsize):
+        return 3 * small_side(shape)[0] * rank * itemsize
+
+
+PROJECTORS: dict[str, type[Projector]] = {
+    "svd": SVDProjector,
+    "randomized_svd": RandomizedSVDProjector,
+    "random": SeededRandomProjector,
+    "online_pca": OnlinePCAProjector,
+    "dct": DCTProjector,
+    "coordinates": CoordinateProjector,
+    "blocks": BlockProjector,
+}

@@ -1,0 +1,226 @@
+"""The training loop: accumulation, clipping, schedule, precision, evaluation, checkpoints, metrics.
+
+Read top to bottom: `Trainer.__init__` builds every component from the config (or restores them from a
+checkpoint), `fit` runs updates until the token/step budget is spent.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from lowmem import checkpoint as ckpt
+from lowmem.config import Config
+from lowmem.data import build_train_batches, eval_batches
+from lowmem.memory import format_memory_table, memory_report
+from lowmem.metrics import MetricsLog
+from lowmem.model import build_meta_model, build_model, count_parameters
+from lowmem.optim import build_optimizer
+from lowmem.optim.groups import check_options_against_model
+from lowmem.optim.in_backward import UpdateInBackward
+from lowmem.schedule import build_scheduler
+from lowmem.tokenizer import build_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stopped being finite; the last good checkpoint is left as it was."""
+
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16_autocast": torch.float32, "bf16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss: labels are shifted by one inside the model, and -100 is ignored."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        cfg = config
+        self.run_dir = cfg.run_dir
+        self.device = pick_device(cfg.train.device)
+        self.resume_from = self._find_resume_checkpoint()
+        torch.manual_seed(cfg.run.seed)
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data,
+                                         saved_dir=self.resume_from / "model" if self.resume_from else None)
+        vocab_size = cfg.model.vocab_size or len(self.tokenizer)
+        self._check_optimizer_against_model(vocab_size)
+
+        self.model = build_model(cfg.model, vocab_size, self.device, PARAM_DTYPES[cfg.train.precision])
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.warmup_steps,
+                                         self.total_steps, cfg.train.min_lr_ratio)
+        self.in_backward = UpdateInBackward(self.optimizer) if cfg.optimizer.update_in_backward else None
+
+        self.train_batches = build_train_batches(cfg.data, self.tokenizer, cfg.train.batch_size, cfg.run.seed)
+        self.eval_set = eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batch_size or cfg.train.batch_size,
+                                     cfg.train.eval_tokens)
+        self.step = 0
+        self.tokens_seen = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard,
+                                  resume_step=self.step if self.resume_from else None)
+
+    # -- construction helpers ------------------------------------------------------------------------------
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        resume = self.config.checkpoint.resume
+        if resume is None:
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.run_dir)  # None: nothing to resume, start fresh
+        return Path(resume)
+
+    def _check_optimizer_against_model(self, vocab_size: int) -> None:
+        """Fail on impossible optimizer values (rank > a matrix side) before any weight is allocated."""
+        check_options_against_model(build_meta_model(self.config.model, vocab_size), self.config.optimizer)
+
+    def _total_steps(self) -> int:
+        t, d = self.config.train, self.config.data
+        if t.max_tokens is None:
+            return t.max_steps
+        return max(1, math.ceil(t.max_tokens / (t.batch_size * t.grad_accum * d.seq_len)))
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_state(path)
+        ckpt.load_model_weights(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_batches.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["trainer"]["step"])
+        self.tokens_seen = int(state["trainer"]["tokens_seen"])
+        print(f"resumed from {path} at step {self.step}")
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_batches.state_dict(),
+            "rng": ckpt.rng_state(),
+            "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.training_state(),
+                                    self.config.checkpoint.keep_last)
+
+    # -- one update ----------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.config.train.precision == "bf16_autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer update from `grad_accum` micro-batches; the loss is the mean over all target tokens
+        of the window (token-weighted, not a mean of micro-batch means)."""
+        self.model.train()
+        window_tokens = sum(target_tokens(b) for b in batches)
+        num_items = torch.tensor(window_tokens, device=self.device)
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            if self.in_backward is not None:
+                self.in_backward.arm(i == len(batches) - 1)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self._autocast():
+                loss = self.model(**batch, num_items_in_batch=num_items).loss
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(f"loss became {loss_sum} at step {self.step + 1}")
+
+        grad_norm = None
+        if self.in_backward is None:
+            clip = self.config.train.grad_clip or float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"gradient norm became {grad_norm} at step {self.step + 1}")
+            self.optimizer.step()
+        if self.step == 0 and self.resume_from is None:
+            self._log_memory()  # optimizer state exists only after the first update; gradients still held
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += window_tokens
+        return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted loss over the fixed held-out set: total loss of every target token / their count."""
+        self.model.eval()
+        total, count = 0.0, 0
+        one = torch.tensor(1, device=self.device)
+        for batch in self.eval_set:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                total += float(self.model(**batch, num_items_in_batch=one).loss)
+            count += target_tokens(batch)
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train to the configured budget (or until `stop_at_step`, to simulate an interruption)."""
+        cfg = self.config
+        end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
+        counts = count_parameters(self.model)
+        print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
+              f"non-embedding), optimizer: {cfg.optimizer.name}, {self.total_steps} updates, device {self.device}")
+        batches = iter(self.train_batches)
+        progress = tqdm(total=end, initial=self.step, disable=not cfg.log.progress, dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < end:
+                record = self.train_step([next(batches) for _ in range(cfg.train.grad_accum)])
+                window_tokens += cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+                evaluate_now = ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                                or self.step == self.total_steps)
+                if self.step % cfg.train.log_every == 0 or self.step == end or evaluate_now:
+                    record.update(step=self.step, tokens=self.tokens_seen,
+                                  tokens_per_s=window_tokens / (time.perf_counter() - window_start))
+                    if self.device.type == "cuda":
+                        record["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+                    if evaluate_now:
+                        record.update(self.evaluate())
+                    self.metrics.log(record)
+                    last = record
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                         tok_s=f"{record['tokens_per_s']:.0f}")
+                    window_start, window_tokens = time.perf_counter(), 0
+                progress.update(1)
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == self.total_steps:
+                    self.save()
+        finally:
+            progress.close()
+            self.metrics.close()
+        return last
+
+    def _log_memory(self) -> None:
+        report = memory_report(self.model, self.optimizer)
+        print("memory (tensor bytes after the first update):\n" + format_memory_table(report))
+        self.metrics.log({"step": self.step, "event": "memory", **report})

@@ -1,0 +1,61 @@
+"""Update-in-backward with gradient accumulation equals accumulate-then-step."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowmem.optim import OptimizerOptions, build_optimizer
+from lowmem.optim.in_backward import UpdateInBackward
+from lowmem.optim.presets import FiraOptions, GaloreOptions
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 12)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 12))
+        self.norm = torch.nn.LayerNorm(12)
+        self.head = torch.nn.Linear(12, 16, bias=False)
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.mlp(self.embed(tokens))))
+
+
+def micro_batches(update, accum=3):
+    g = torch.Generator().manual_seed(update)
+    return [torch.randint(0, 16, (4, 5), generator=g) for _ in range(accum)]
+
+
+def loss_of(model, tokens):
+    logits = model(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, 16), tokens[:, 1:].reshape(-1)) / 3
+
+
+@pytest.mark.parametrize("options", [OptimizerOptions(lr=1e-2, weight_decay=0.1),
+                                     GaloreOptions(rank=4, update_gap=2, weight_decay=0.1),
+                                     FiraOptions(rank=4, update_gap=2, projector="random")],
+                         ids=["adamw", "galore", "fira-random"])
+def test_in_backward_with_accumulation_equals_step_after_accumulation(options):
+    torch.manual_seed(0)
+    reference = TinyNet()
+    model = copy.deepcopy(reference)
+    ref_opt = build_optimizer(reference, options)
+    opt = build_optimizer(model, options)
+    in_backward = UpdateInBackward(opt)
+    for update in range(5):  # refreshes at updates 0, 2, 4
+        batches = micro_batches(update)
+        for tokens in batches:
+            loss_of(reference, tokens).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for i, tokens in enumerate(batches):
+            in_backward.arm(i == len(batches) - 1)
+            loss_of(model, tokens).backward()
+        assert all(p.grad is None for p in model.parameters())
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    in_backward.remove()
+    loss_of(model, batches[0]).backward()
+    assert all(p.grad is not None for p in model.parameters())

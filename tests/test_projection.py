@@ -1,0 +1,451 @@
+"""Projection optimizers (GaLore, Fira, FRUGAL, OSD) against slow written-for-the-test implementations of
+each paper's math, plus state, memory, config and edge cases."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lowmem.config import ConfigError
+from lowmem.optim import build_optimizer, optimizer_state_bytes
+from lowmem.optim.presets import FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
+from lowmem.optim.projected import ProjectedAdam
+from lowmem.optim.registry import parse_optimizer_options
+
+SHAPES = [(10, 6), (6, 10), (8, 8)]
+STEPS, GAP, RANK = 7, 3, 3  # refreshes at updates 0, 3, 6
+B1, B2 = 0.9, 0.999
+
+
+def fixed_problem(shapes=SHAPES, steps=STEPS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(steps)]
+    return weights, grads
+
+
+def run_ours(options, weights, grads, dense=None, dense_grads=None):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    groups = [{"params": params, "projected": True}]
+    if dense is not None:
+        groups.append({"params": [dense]})
+    opt = ProjectedAdam(groups, options)
+    for t, step_grads in enumerate(grads):
+        for p, gr in zip(params, step_grads):
+            p.grad = gr.clone()
+        if dense is not None:
+            dense.grad = dense_grads[t].clone()
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference math, written out in each paper's own orientation (GaLore "left" / "right" projection).
+
+
+def svd_basis(G, r):
+    """Right: Q = Vh[:r] (r x n), R = G Q^T. Left: P = U[:, :r] (m x r), R = P^T G."""
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    return Vh[:r] if G.shape[0] >= G.shape[1] else U[:, :r]
+
+
+def down(P, G):
+    return G @ P.T if G.shape[0] >= G.shape[1] else P.T @ G
+
+
+def up(P, N, shape):
+    return N @ P if shape[0] >= shape[1] else P @ N
+
+
+def rank_dim(shape):
+    return 1 if shape[0] >= shape[1] else 0  # the core is m x r (right) or r x n (left)
+
+
+def reference_galore_fira(W, grads, lr, wd, eps, scale, fira=None, gamma=1.01):
+    W = W.clone()
+    M = V = P = prev_norm = None
+    for t, G in enumerate(grads):
+        if t % GAP == 0:
+            P = svd_basis(G, RANK)
+        R = down(P, G)
+        M = (1 - B1) * R if M is None else B1 * M + (1 - B1) * R
+        V = (1 - B2) * R * R if V is None else B2 * V + (1 - B2) * R * R
+        k = t + 1
+        N = M / (V.sqrt() + eps) * math.sqrt(1 - B2 ** k) / (1 - B1 ** k)
+        U = scale * up(P, N, G.shape)
+        if fira is not None:
+            d = rank_dim(G.shape)
+            S = G - up(P, R, G.shape) * (1.0 if fira == "paper" else scale)
+            phi = N.norm(dim=d, keepdim=True) / (R.norm(dim=d, keepdim=True) + 1e-8)
+            S = S * phi
+            if prev_norm is not None:
+                ratio = S.norm() / (prev_norm + 1e-8)
+                if ratio > gamma:
+                    S = S * gamma / ratio
+            prev_norm = S.norm()
+            U = U + (scale * S if fira == "paper" else S)
+        W = W - lr * U
+        W = W - lr * wd * W
+    return W
+
+
+@pytest.mark.parametrize("residual,variant", [("drop", "paper"), ("fira", "paper"), ("fira", "code")])
+def test_galore_and_fira_match_reference(residual, variant):
+    weights, grads = fixed_problem()
+    cls = GaloreOptions if residual == "drop" else FiraOptions
+    options = cls(rank=RANK, update_gap=GAP, lr=0.01, weight_decay=0.1, fira_variant=variant)
+    ours, _ = run_ours(options, weights, grads)
+    for i, w in enumerate(weights):
+        expected = reference_galore_fira(w, [g[i] for g in grads], 0.01, 0.1, 1e-6, 0.25,
+                                         fira=None if residual == "drop" else variant)
+        torch.testing.assert_close(ours[i], expected, atol=1e-6, rtol=0)
+
+
+def test_frugal_blocks_match_reference():
+    """FRUGAL blocks: active weights get AdamW (torch convention, state and bias correction reset at each
+    refresh), inactive ones signSGD; decay before the step. The random draw is read from the optimizer."""
+    weights, grads = fixed_problem(shapes=[(6, 4), (5, 7), (4, 4), (3, 6)])
+    lr, wd, eps = 0.01, 0.1, 1e-8
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = ProjectedAdam([{"params": params, "projected": True}],
+                        FrugalOptions(update_gap=GAP, lr=lr, weight_decay=wd, density=0.5))
+    ref = [w.clone() for w in weights]
+    moments = [None] * len(weights)
+    for t, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        active = [opt.state[p]["active"] for p in params]
+        assert sum(active) == 2
+        for i, G in enumerate(step_grads):
+            ref[i] = ref[i] * (1 - lr * wd)
+            if t % GAP == 0:
+                moments[i] = (torch.zeros_like(G), torch.zeros_like(G), 0)
+            if active[i]:
+                M, V, k = moments[i]
+                M, V, k = B1 * M + (1 - B1) * G, B2 * V + (1 - B2) * G * G, k + 1
+                moments[i] = (M, V, k)
+                ref[i] = ref[i] - lr * (M / (1 - B1 ** k)) / (V.sqrt() / math.sqrt(1 - B2 ** k) + eps)
+            else:
+                ref[i] = ref[i] - lr * torch.sign(G)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=0)
+
+
+def test_frugal_svd_rank_from_density_matches_reference():
+    """FRUGAL with projector svd: rank = round(density * b), reset at refresh, signSGD on (I - PP^T) G."""
+    weights, grads = fixed_problem(shapes=[(12, 8)])
+    lr = 0.01
+    options = FrugalOptions(projector="svd", density=0.25, update_gap=GAP, lr=lr)
+    ours, opt = run_ours(options, weights, grads)
+    W = weights[0].clone()
+    for t, step in enumerate(grads):
+        G = step[0]
+        if t % GAP == 0:
+            P, M, V, k = svd_basis(G, 2), 0.0, 0.0, 0
+        R = down(P, G)
+        M, V, k = B1 * M + (1 - B1) * R, B2 * V + (1 - B2) * R * R, k + 1
+        N = (M / (1 - B1 ** k)) / (V.sqrt() / math.sqrt(1 - B2 ** k) + 1e-8)
+        W = W - lr * (up(P, N, G.shape) + torch.sign(G - up(P, R, G.shape)))
+    assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].shape == (2, 12)
+    torch.testing.assert_close(ours[0], W, atol=1e-6, rtol=0)
+
+
+def test_osd_matches_reference():
+    """OSD: P from SVD of the first gradient, then one AdamW step (lr 1/T, wd 0.01, autograd on the
+    online-PCA loss) per later update, used from the next update; Adam core with moments kept."""
+    weights, grads = fixed_problem()
+    lr, scale, eps = 0.01, 0.25, 1e-6
+    ours, _ = run_ours(OSDOptions(rank=RANK, update_gap=GAP, lr=lr), weights, grads)
+    for i, w in enumerate(weights):
+        W, M, V = w.clone(), 0.0, 0.0
+        P = p_opt = None
+        for t, step in enumerate(grads):
+            G = step[i]
+            if P is None:
+                P = torch.nn.Parameter(svd_basis(G, RANK).clone())
+                p_opt = torch.optim.AdamW([P], lr=1 / GAP, weight_decay=0.01)
+            else:
+                X = G / G.norm()
+                with torch.enable_grad():
+                    proj = X @ P.T @ P if G.shape[0] >= G.shape[1] else P @ P.T @ X
+                    ((proj - X) ** 2).sum().backward()
+            R = down(P.detach(), G)
+            M, V, k = B1 * M + (1 - B1) * R, B2 * V + (1 - B2) * R * R, t + 1
+            N = M / (V.sqrt() + eps) * math.sqrt(1 - B2 ** k) / (1 - B1 ** k)
+            W = W - lr * scale * up(P.detach(), N, G.shape)
+            p_opt.step()
+            p_opt.zero_grad()
+        torch.testing.assert_close(ours[i], W, atol=1e-6, rtol=0)
+
+
+def test_dense_groups_get_adamw_math():
+    weights, grads = fixed_problem(shapes=[(6, 4)])
+    dense = torch.nn.Parameter(torch.randn(5, 3))
+    reference = torch.nn.Parameter(dense.detach().clone())
+    dense_grads = [torch.randn(5, 3) for _ in grads]
+    run_ours(FrugalOptions(weight_decay=0.1, lr=0.01), weights, grads, dense, dense_grads)
+    torch_adamw = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1, eps=1e-8)
+    for g in dense_grads:
+        reference.grad = g.clone()
+        torch_adamw.step()
+    torch.testing.assert_close(dense.detach(), reference.detach(), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Moments at a refresh
+
+
+def test_rotate_preserves_back_projected_momentum_at_full_rank():
+    """With r = b the basis is orthogonal, so rotating M by C = P_new^T P_old keeps P M unchanged."""
+    weights, grads = fixed_problem(shapes=[(8, 5)], steps=GAP + 1)
+    params = [torch.nn.Parameter(weights[0].clone())]
+    opt = ProjectedAdam([{"params": params, "projected": True}],
+                        GaloreOptions(rank=5, update_gap=GAP, moments_on_refresh="rotate"))
+    state = opt.state[params[0]]
+    for t in range(GAP):
+        params[0].grad = grads[t][0].clone()
+        opt.step()
+    before = state["basis"] @ state["exp_avg"]
+    old_basis = state["basis"].clone()
+    params[0].grad = grads[GAP][0].clone()
+    opt.step()
+    assert not torch.allclose(old_basis, state["basis"])
+    # undo this update's contribution to M to compare the rotated old momentum
+    new_grad_core = state["basis"].T @ grads[GAP][0].T
+    rotated_old = (state["exp_avg"] - (1 - B1) * new_grad_core) / B1
+    torch.testing.assert_close(state["basis"] @ rotated_old, before, atol=1e-5, rtol=0)
+
+
+def test_reset_restarts_bias_correction_and_keep_does_not():
+    weights, grads = fixed_problem(shapes=[(6, 4)], steps=GAP + 1)
+    for policy, expected in (("reset", 1), ("keep", GAP + 1)):
+        _, opt = run_ours(GaloreOptions(rank=2, update_gap=GAP, moments_on_refresh=policy), weights, grads)
+        state = next(iter(opt.state.values()))
+        assert state["adam_step"] == expected and state["step"] == GAP + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints, state and memory
+
+ALL_SETUPS = [
+    GaloreOptions(rank=3, update_gap=2),
+    GaloreOptions(rank=3, update_gap=2, projector="randomized_svd", moments_on_refresh="rotate"),
+    GaloreOptions(rank=3, update_gap=2, projector="random", residual="fira", stagger=True),
+    GaloreOptions(rank=3, update_gap=2, projector="dct", moments_on_refresh="rotate"),
+    FiraOptions(rank=3, update_gap=2),
+    FrugalOptions(update_gap=2, density=0.5),
+    FrugalOptions(update_gap=2, projector="coordinates", residual="sgd", moments_on_refresh="rotate"),
+    FrugalOptions(update_gap=2, projector="random"),
+    OSDOptions(rank=3, update_gap=2),
+    OSDOptions(rank=3, update_gap=2, state_dtype="bf16"),
+]
+
+
+def _model_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mats = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(8, 8), (12, 5), (5, 12), (3, 3)]]
+    vec = torch.nn.Parameter(torch.randn(7, generator=g))
+    return mats, vec
+
+
+def _groups(mats, vec):
+    return [{"params": mats, "projected": True, "weight_decay": 0.1}, {"params": [vec], "weight_decay": 0.0}]
+
+
+def _feed(mats, vec, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in mats + [vec]:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+@pytest.mark.parametrize("options", ALL_SETUPS, ids=lambda o: f"{o.name}-{o.projector}-{o.state_dtype}")
+def test_checkpoint_resume_is_bit_exact_and_weights_only(options):
+    k, total = 3, 6  # refreshes at updates 0, 2, 4: one before and one after the save
+    mats, vec = _model_params()
+    opt = ProjectedAdam(_groups(mats, vec), options)
+    for step in range(total):
+        if step == k:
+            buffer = io.BytesIO()
+            torch.save({"opt": opt.state_dict(), "params": [p.detach().clone() for p in mats + [vec]]}, buffer)
+        _feed(mats, vec, step)
+        opt.step()
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    mats2, vec2 = _model_params()
+    with torch.no_grad():
+        for p, value in zip(mats2 + [vec2], saved["params"]):
+            p.copy_(value)
+    resumed = ProjectedAdam(_groups(mats2, vec2), options)
+    resumed.load_state_dict(saved["opt"])
+    for step in range(k, total):
+        _feed(mats2, vec2, step)
+        resumed.step()
+    for a, b in zip(mats + [vec], mats2 + [vec2]):
+        assert torch.equal(a, b)
+    assert resumed.expected_state_bytes() == optimizer_state_bytes(resumed)
+
+
+@pytest.mark.parametrize("options", ALL_SETUPS, ids=lambda o: f"{o.name}-{o.projector}-{o.state_dtype}")
+@pytest.mark.parametrize("shape", [(16, 16), (24, 8), (8, 24), (6, 3)], ids=["square", "tall", "wide", "rank=b"])
+def test_state_bytes_formula_matches_held_bytes(options, shape):
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(shape, generator=g)) for _ in range(3)]
+    vec = torch.nn.Parameter(torch.randn(4, generator=g))
+    opt = ProjectedAdam(_groups(mats, vec), options)
+    assert opt.expected_state_bytes() == optimizer_state_bytes(opt) == 0
+    for step in range(3):
+        _feed(mats, vec, step)
+        opt.step()
+        assert opt.expected_state_bytes() == optimizer_state_bytes(opt)
+
+
+def test_seeded_random_projector_stores_no_matrix():
+    mats, vec = _model_params()
+    opt = ProjectedAdam(_groups(mats, vec), GaloreOptions(rank=3, projector="random"))
+    _feed(mats, vec, 0)
+    opt.step()
+    state = opt.state[mats[0]]
+    assert {"seed", "draws"} <= set(state) and "basis" not in state
+    moments = sum(2 * 3 * max(p.shape) * 4 for p in mats) + 2 * 7 * 4
+    assert optimizer_state_bytes(opt) == moments
+
+
+def test_bf16_weights_keep_fp32_states_through_a_checkpoint():
+    mats = [torch.nn.Parameter(torch.randn(8, 6, dtype=torch.bfloat16))]
+    opt = ProjectedAdam([{"params": mats, "projected": True}], FiraOptions(rank=2))
+    for _ in range(2):
+        mats[0].grad = torch.randn(8, 6, dtype=torch.bfloat16)
+        opt.step()
+    assert mats[0].dtype == torch.bfloat16 and opt.state[mats[0]]["exp_avg"].dtype == torch.float32
+    opt.load_state_dict(opt.state_dict())
+    assert opt.state[mats[0]]["exp_avg"].dtype == torch.float32
+
+
+def test_stagger_spreads_refreshes():
+    mats = [torch.nn.Parameter(torch.randn(6, 6)) for _ in range(4)]
+    opt = ProjectedAdam([{"params": mats, "projected": True}], GaloreOptions(rank=2, update_gap=4, stagger=True))
+    refreshed_at = {i: [] for i in range(4)}
+    for step in range(8):
+        before = [opt.state[p].get("refreshes", 0) for p in mats]
+        for p in mats:
+            p.grad = torch.randn(6, 6)
+        opt.step()
+        for i, p in enumerate(mats):
+            if opt.state[p]["refreshes"] > before[i] and step > 0:
+                refreshed_at[i].append(step)
+    assert refreshed_at == {0: [4], 1: [3, 7], 2: [2, 6], 3: [1, 5]}
+
+
+def test_svd_failure_falls_back(monkeypatch):
+    calls = {"n": 0}
+    real_svd = torch.linalg.svd
+
+    def failing_svd(matrix, *args, **kwargs):
+        calls["n"] += 1
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real_svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    weights, grads = fixed_problem(shapes=[(6, 4)], steps=1)
+    ours, opt = run_ours(GaloreOptions(rank=2), weights, grads)
+    basis = next(iter(opt.state.values()))["basis"]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(2), atol=1e-5, rtol=0)
+    assert calls["n"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edge cases
+
+
+def test_rank_equal_to_small_side_works_and_tiny_matrix():
+    weights, grads = fixed_problem(shapes=[(2, 3), (5, 2)])
+    ours, _ = run_ours(FiraOptions(rank=2, update_gap=GAP), weights, grads)
+    for i, w in enumerate(weights):
+        expected = reference_galore_fira(w, [g[i] for g in grads], 0.01, 0.0, 1e-6, 0.25, fira="paper")
+        torch.testing.assert_close(ours[i], expected, atol=1e-6, rtol=0)
+
+
+def test_non_contiguous_gradients_give_the_same_update():
+    weights, grads = fixed_problem(shapes=[(6, 9)])
+    transposed = [[g[0].T.contiguous().T] for g in grads]  # same values, column-major strides
+    assert not transposed[0][0].is_contiguous()
+    a, _ = run_ours(FiraOptions(rank=RANK, update_gap=GAP), weights, grads)
+    b, _ = run_ours(FiraOptions(rank=RANK, update_gap=GAP), weights, transposed)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+
+
+def test_params_without_grad_and_1d_params_in_a_projected_group():
+    mat, vec, frozen = (torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4)),
+                        torch.nn.Parameter(torch.randn(5, 5)))
+    frozen_before = frozen.detach().clone()
+    opt = ProjectedAdam([{"params": [mat, vec, frozen], "projected": True}], GaloreOptions(rank=2))
+    mat.grad, vec.grad = torch.randn(6, 4), torch.randn(4)
+    opt.step()
+    assert torch.equal(frozen, frozen_before) and len(opt.state[frozen]) == 0
+    assert opt.state[vec]["exp_avg"].shape == (4,) and opt.state[mat]["exp_avg"].shape == (2, 6)
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def test_rank_too_big_names_key_weight_and_shape():
+    model = _tiny_llama()
+    with pytest.raises(ConfigError, match=r"optimizer\.rank: 40 exceeds .*self_attn\.q_proj\.weight \(shape 32x32\)"):
+        build_optimizer(model, GaloreOptions(rank=40))
+    with pytest.raises(ValueError, match="rank 40 exceeds"):
+        ProjectedAdam([{"params": [torch.nn.Parameter(torch.randn(32, 32))], "projected": True}],
+                      GaloreOptions(rank=40))
+
+
+def test_config_names_and_values_are_checked():
+    with pytest.raises(ConfigError, match=r"optimizer\.projector: unknown value 'svdd' \(did you mean 'svd'\?\)"):
+        parse_optimizer_options({"name": "galore", "projector": "svdd"})
+    with pytest.raises(ConfigError, match=r"optimizer\.residual: .*did you mean 'sign_sgd'"):
+        parse_optimizer_options({"name": "frugal", "residual": "signsgd"})
+    for key, value in (("rank", 0), ("update_gap", 0), ("density", 1.5), ("scale", 0.0)):
+        with pytest.raises(ConfigError, match=rf"optimizer\.{key}"):
+            parse_optimizer_options({"name": "galore", key: value})
+    options = parse_optimizer_options({"name": "fira", "projector": "random", "rank": 8})
+    assert isinstance(options, FiraOptions) and options.residual == "fira" and options.fira_gamma == 1.01
+
+
+def test_preset_defaults_are_the_papers():
+    g, f, fr, o = GaloreOptions(), FiraOptions(), FrugalOptions(), OSDOptions()
+    assert (g.projector, g.rank, g.update_gap, g.scale, g.eps, g.moments_on_refresh, g.residual) == \
+        ("svd", 128, 200, 0.25, 1e-6, "keep", "drop")
+    assert (f.residual, f.fira_gamma, f.fira_variant, f.rank) == ("fira", 1.01, "paper", 128)
+    assert (fr.projector, fr.density, fr.update_gap, fr.moments_on_refresh, fr.residual, fr.eps) == \
+        ("blocks", 0.25, 200, "reset", "sign_sgd", 1e-8)
+    assert (o.projector, o.moments_on_refresh, o.residual) == ("online_pca", "keep", "drop")
+
+
+@pytest.mark.parametrize("options", [GaloreOptions(rank=8, update_gap=10), FiraOptions(rank=8, update_gap=10),
+                                     FrugalOptions(update_gap=10, lr=3e-3), OSDOptions(rank=8, update_gap=10)],
+                         ids=lambda o: o.name)
+def test_tiny_llama_training_lowers_eval_loss(options):
+    model = _tiny_llama()
+    opt = build_optimizer(model, options)
+    pattern = torch.tensor([(7 * i + 3) % 64 for i in range(64)])
+    train = torch.stack([pattern.roll(-s)[:24] for s in range(0, 48, 2)])
+    held_out = torch.stack([pattern.roll(-s)[:24] for s in range(1, 48, 6)])
+
+    def eval_loss():
+        with torch.no_grad():
+            return model(input_ids=held_out, labels=held_out).loss.item()
+
+    before = eval_loss()
+    for _ in range(25):
+        model(input_ids=train, labels=train).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert eval_loss() < 0.8 * before
