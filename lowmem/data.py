@@ -14,8 +14,10 @@ its `state_dict`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import glob
 import json
+import logging
 import os
 import sysconfig
 import zlib
@@ -37,6 +39,10 @@ PREPARED_TOKENIZER = "tokenizer"
 
 # ---------------------------------------------------------------------------------------------------------
 # Documents
+
+
+class DataError(ValueError):
+    """A data source cannot be read as configured; the message names the files or dataset and the key."""
 
 
 def is_held_out(text: str, eval_fraction: float) -> bool:
@@ -82,30 +88,48 @@ def resolve_files(cfg: DataConfig) -> tuple[list[str], str]:
         return files, cfg.format
     formats = {file_format(name) for name in files}
     if len(formats) > 1:
-        raise ValueError(f"data.files: mixed formats {sorted(formats)} in {files}; list one format, "
-                         f"or set data.format")
+        raise DataError(f"data.files: mixed formats {sorted(formats)} in {files}; list one format, "
+                        f"or set data.format")
     return files, formats.pop()
+
+
+def describe_source(cfg: DataConfig) -> str:
+    if cfg.source == "hub":
+        return f"data.name '{cfg.name}' (subset {cfg.subset})"
+    files, loader = resolve_files(cfg)
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return f"data.files [{shown}] read as {loader}"
+
+
+@contextlib.contextmanager
+def naming_source(cfg: DataConfig) -> Iterator[None]:
+    """Adds the source to the loaders' errors, which do not say which files or option were at fault (and
+    streaming datasets raise them only while iterating)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"cannot read {describe_source(cfg)}: {type(err).__name__}: {err}") from err
 
 
 def load_source(cfg: DataConfig, split_name: str) -> datasets.Dataset | datasets.IterableDataset:
     """The raw `datasets` dataset of a hub or files source (streaming when `cfg.streaming`)."""
     if cfg.source == "hub":
-        return datasets.load_dataset(cfg.name, cfg.subset, split=split_name, streaming=cfg.streaming)
+        with naming_source(cfg):
+            return datasets.load_dataset(cfg.name, cfg.subset, split=split_name, streaming=cfg.streaming)
     if cfg.source != "files":
-        raise ValueError(f"data.source '{cfg.source}' is not a datasets source")
+        raise DataError(f"data.source '{cfg.source}' is not a datasets source")
     files, loader = resolve_files(cfg)
     options = {"sample_by": "document"} if loader == "text" else {}  # a text file is one document
-    try:
+    with naming_source(cfg):
         return datasets.load_dataset(loader, data_files=files, split="train", streaming=cfg.streaming, **options)
-    except Exception as err:  # the loaders' own errors do not say which option or file list was at fault
-        raise ValueError(f"data.files: cannot read {files} as {loader} (data.format={cfg.format}): {err}") from err
 
 
 def document_text(example: dict, cfg: DataConfig) -> str:
     if cfg.text_field not in example:
-        where = cfg.name if cfg.source == "hub" else cfg.files
-        raise ValueError(f"data.text_field: no column '{cfg.text_field}' in {where} "
-                       f"(columns: {sorted(example)})")
+        raise DataError(f"data.text_field: no column '{cfg.text_field}' in {describe_source(cfg)} "
+                        f"(columns: {sorted(example)})")
     return example[cfg.text_field]
 
 
@@ -113,10 +137,11 @@ def _iter_source(cfg: DataConfig, split_name: str) -> Iterator[str]:
     if cfg.source == "embedded":
         yield from _iter_embedded()
     elif cfg.source == "prepared":
-        raise ValueError(f"data.source 'prepared': {cfg.path} holds token ids, not documents")
+        raise DataError(f"data.source 'prepared': {cfg.path} holds token ids, not documents")
     else:
-        for example in load_source(cfg, split_name):
-            yield document_text(example, cfg)
+        with naming_source(cfg):
+            for example in load_source(cfg, split_name):
+                yield document_text(example, cfg)
 
 
 def iter_documents(cfg: DataConfig, split: Split) -> Iterator[str]:
@@ -126,8 +151,8 @@ def iter_documents(cfg: DataConfig, split: Split) -> Iterator[str]:
     train split then never yields. `cfg.max_docs` caps the train split only.
     """
     if cfg.eval_split is not None and cfg.source != "hub":
-        raise ValueError("data.eval_split: only hub datasets have named splits; leave it unset to hold out "
-                         "data.eval_fraction of the documents")
+        raise DataError("data.eval_split: only hub datasets have named splits; leave it unset to hold out "
+                        "data.eval_fraction of the documents")
     named_eval = cfg.eval_split is not None
     split_name = cfg.eval_split if (split == "eval" and named_eval) else cfg.split
     count = 0
@@ -257,14 +282,14 @@ def read_prepared_meta(cfg: DataConfig, tokenizer) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
     for key in ("seq_len", "packing"):
         if meta[key] != getattr(cfg, key):
-            raise ValueError(f"data.{key}: {getattr(cfg, key)} but the prepared data in '{cfg.path}' "
-                             f"was made with {key}={meta[key]}")
+            raise DataError(f"data.{key}: {getattr(cfg, key)} but the prepared data in '{cfg.path}' "
+                            f"was made with {key}={meta[key]}")
     found = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
              "pad_token_id": tokenizer.pad_token_id}
     for key, value in found.items():
         if meta[key] != value:
-            raise ValueError(f"tokenizer: {key}={value} but the prepared data in '{cfg.path}' has {meta[key]}; "
-                             f"use the tokenizer saved in {prepared_tokenizer_dir(cfg)}")
+            raise DataError(f"tokenizer: {key}={value} but the prepared data in '{cfg.path}' has {meta[key]}; "
+                            f"use the tokenizer saved in {prepared_tokenizer_dir(cfg)}")
     return meta
 
 
@@ -325,8 +350,8 @@ class MapStyleBatches(TrainBatches):
         self.blocks = [(ids, lengths) for ids, lengths in blocks if len(ids)]
         self.block_starts = np.cumsum([0] + [len(ids) for ids, _ in self.blocks])
         if self.block_starts[-1] == 0:
-            raise ValueError("no training sequences: the training documents are empty or shorter than one "
-                             "sequence (lower data.seq_len or add documents)")
+            raise DataError("no training sequences: the training documents are empty or shorter than one "
+                            "sequence (lower data.seq_len or add documents)")
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self.position = rank  # next stream position of this rank within `epoch`
@@ -372,6 +397,17 @@ class MapStyleBatches(TrainBatches):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+class _EmptyShuffleBufferWarningFilter(logging.Filter):
+    """Drops datasets' warning that a resumed shuffle buffer lost its content: ours (size 1) is always empty
+    between examples; the real buffer is StreamingBatches' own and is restored."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer of a dataset without the buffer content" not in record.getMessage()
+
+
+logging.getLogger("datasets.iterable_dataset").addFilter(_EmptyShuffleBufferWarningFilter())
+
+
 class StreamingBatches(TrainBatches):
     """Batches from a streaming dataset, tokenized and packed on the fly.
 
@@ -403,10 +439,11 @@ class StreamingBatches(TrainBatches):
             if self._dataset_state is not None:
                 self._dataset.load_state_dict(self._dataset_state)
             self._examples = iter(self._dataset)
-        for example in self._examples:
-            text = document_text(example, self.cfg)
-            if text.strip():
-                return text
+        with naming_source(self.cfg):
+            for example in self._examples:
+                text = document_text(example, self.cfg)
+                if text.strip():
+                    return text
         return None
 
     def _next_document(self) -> str:
@@ -427,7 +464,7 @@ class StreamingBatches(TrainBatches):
             self.epoch += 1
             self.generator.manual_seed(self.seed + self.epoch)
             self.epoch_read, self._examples, self._dataset_state = False, None, None
-        raise ValueError(f"no training documents in data source {self.cfg.name or self.cfg.files}")
+        raise DataError(f"no training documents in {describe_source(self.cfg)}")
 
     def __next__(self) -> dict[str, torch.Tensor]:
         while self.builder.num_ready() < self.batch_size:
@@ -499,5 +536,5 @@ def eval_batches(cfg: DataConfig, tokenizer, batch_size: int, max_tokens: int) -
     batches of `batch_size` (the last one may be smaller). Deterministic."""
     ids, lengths = take_rows(iter_eval_sequences(cfg, tokenizer), max_tokens)
     if len(ids) == 0:
-        raise ValueError("the eval split has no documents: raise data.eval_fraction or set data.eval_split")
+        raise DataError("the eval split has no documents: raise data.eval_fraction or set data.eval_split")
     return [make_batch(ids[i:i + batch_size], lengths[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
