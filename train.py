@@ -1,4 +1,4 @@
-"""Pretrain or fine-tune: python train.py CONFIG.yaml [dotted.key=value ...]"""
+"""Pretrain or fine-tune: python train.py CONFIG.yaml [MORE.yaml ...] [dotted.key=value ...]"""
 import sys
 
 from lowmem.cli import main

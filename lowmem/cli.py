@@ -10,10 +10,14 @@ from lowmem.config import ConfigError, load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description="Pretrain or fine-tune a LLaMA-style model.")
     parser.add_argument("config", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optimizer.lr=0.01")
+    parser.add_argument("more", nargs="*", metavar="ARG",
+                        help="more YAML files merged in order (e.g. configs/optimizers/galore.yaml), then "
+                             "dotted.key=value overrides (e.g. optimizer.lr=0.01)")
     args = parser.parse_args(argv)
+    files = [args.config] + [a for a in args.more if "=" not in a]
+    overrides = [a for a in args.more if "=" in a]
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(files, overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

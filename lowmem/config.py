@@ -292,9 +292,17 @@ def apply_override(tree: dict, override: str) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read, merge, override and validate a configuration. Raises ConfigError on any bad key or value."""
-    tree = read_yaml_tree(path) if path is not None else {}
+def load_config(paths: str | Path | typing.Sequence[str | Path] | None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Read and merge one or more YAML files (later wins), apply dotted overrides, validate.
+    Raises ConfigError on any bad key or value."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    tree: dict = {}
+    for path in paths:
+        tree = deep_merge(tree, read_yaml_tree(path))
     for override in overrides:
         tree = apply_override(tree, override)
     return config_from_tree(tree)

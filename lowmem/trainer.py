@@ -55,10 +55,10 @@ class Trainer:
         self.resume_from = self._find_resume_checkpoint()
         torch.manual_seed(cfg.run.seed)
 
+        self._check_optimizer_against_model()
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data,
                                          saved_dir=self.resume_from / "model" if self.resume_from else None)
         vocab_size = cfg.model.vocab_size or len(self.tokenizer)
-        self._check_optimizer_against_model(vocab_size)
 
         self.model = build_model(cfg.model, vocab_size, self.device, PARAM_DTYPES[cfg.train.precision])
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -90,9 +90,11 @@ class Trainer:
             return ckpt.latest_checkpoint(self.run_dir)  # None: nothing to resume, start fresh
         return Path(resume)
 
-    def _check_optimizer_against_model(self, vocab_size: int) -> None:
-        """Fail on impossible optimizer values (rank > a matrix side) before any weight is allocated."""
-        check_options_against_model(build_meta_model(self.config.model, vocab_size), self.config.optimizer)
+    def _check_optimizer_against_model(self) -> None:
+        """Fail on impossible optimizer values (rank > a matrix side) before the tokenizer or any weight is
+        built. The projected weights' shapes do not depend on the vocabulary, so a placeholder size serves."""
+        meta = build_meta_model(self.config.model, self.config.model.vocab_size or 32000)
+        check_options_against_model(meta, self.config.optimizer)
 
     def _total_steps(self) -> int:
         t, d = self.config.train, self.config.data

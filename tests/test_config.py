@@ -111,3 +111,22 @@ def test_unknown_llama_field_is_rejected_with_suggestion(tmp_path):
                                                       "model": {"extra": {"rms_norm_epss": 1e-5}}}))
     with pytest.raises(ConfigError, match="model.extra.rms_norm_epss.*rms_norm_eps"):
         llama_config(config.model, 100)
+
+
+def test_several_files_merge_in_order(tmp_path):
+    base = write(tmp_path / "base.yaml", {"optimizer": {"name": "adamw", "lr": 0.001}, "train": {"max_steps": 5}})
+    galore = Path(__file__).resolve().parent.parent / "configs" / "optimizers" / "galore.yaml"
+    config = load_config([base, galore], ["optimizer.rank=64"])
+    assert config.optimizer.name == "galore" and config.optimizer.lr == 0.01 and config.optimizer.rank == 64
+    assert config.train.max_steps == 5
+
+
+def test_rank_larger_than_a_weight_fails_before_training(tmp_path, capsys):
+    from lowmem.cli import main
+
+    path = write(tmp_path / "c.yaml", {"model": {"preset": "llama_9m"}, "optimizer": {"name": "galore", "rank": 129},
+                                       "data": {"max_docs": 5}, "run": {"out_dir": str(tmp_path / "runs")}})
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.rank: 129 exceeds the smaller side of model.layers.0.self_attn.q_proj.weight" in err
+    assert not (tmp_path / "runs").exists()
