@@ -52,6 +52,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
     torch.save(state, temp / "state.pt")
     if final.exists():  # the same step saved again (a resumed run re-reaching it): replace it whole
         old = root / f"{TEMP_PREFIX}old-{final.name}"
+        if old.exists():  # left by a replace that was interrupted
+            shutil.rmtree(old)
         os.replace(final, old)
         os.replace(temp, final)
         shutil.rmtree(old)

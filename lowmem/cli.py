@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    from lowmem.checkpoint import latest_checkpoint
     from lowmem.trainer import Trainer, TrainingDiverged
 
     try:
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         final = trainer.fit()
     except TrainingDiverged as err:
-        print(f"training stopped: {err}; the last good checkpoint is kept in {trainer.run_dir}", file=sys.stderr)
+        last = latest_checkpoint(trainer.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written"
+        print(f"training stopped: {err}; {kept}", file=sys.stderr)
         return 1
     if "eval_ppl" in final:
         print(f"done: step {final['step']}, eval loss {final['eval_loss']:.4f}, eval perplexity "

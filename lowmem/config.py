@@ -87,7 +87,6 @@ class DataConfig:
     seq_len: int = 256
     packing: bool = True  # False: each document truncated/padded to seq_len (the papers' mode)
     max_docs: Optional[int] = None  # cap on training documents read (map-style sources)
-    num_workers: int = 0
 
 
 @dataclass
@@ -95,7 +94,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1
     max_steps: int = 100  # optimizer updates
-    max_tokens: Optional[int] = None  # when set, overrides max_steps
+    max_tokens: Optional[int] = None  # tokens processed (updates x grad_accum x batch x seq_len); overrides max_steps
     warmup_steps: int = 10
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
@@ -148,6 +147,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+def _number(text: str, key: str) -> int | float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -173,6 +180,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, key)
+    if tp in (float, int) and isinstance(value, str):
+        value = _number(value, key)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -234,9 +243,6 @@ def to_dict(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------
 # YAML loading: include, merge, overrides
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
 def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
@@ -248,10 +254,10 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def _resolve_include(name: str, relative_to: Path) -> Path:
-    for candidate in (relative_to / name, PACKAGE_CONFIGS / name):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"include: file '{name}' not found (looked in {relative_to} and {PACKAGE_CONFIGS})")
+    candidate = relative_to / name
+    if not candidate.is_file():
+        raise ConfigError(f"include: file '{name}' not found (relative to {relative_to})")
+    return candidate
 
 
 def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
@@ -362,6 +368,14 @@ def validate(config: Config) -> None:
 
         for pattern in d.files:
             _require(len(glob.glob(str(pattern))) > 0, f"data.files: no file matches '{pattern}'")
+    if d.files and d.source != "files":
+        raise ConfigError(f"data.files: set, but data.source is '{d.source}'; set data.source=files to read them")
+    if d.streaming and d.source not in ("hub", "files"):
+        raise ConfigError(f"data.streaming: only hub and files sources stream, data.source is '{d.source}'")
+    if d.eval_split is not None and d.source != "hub":
+        raise ConfigError(f"data.eval_split: only hub datasets have named splits (data.source is '{d.source}'); "
+                          "leave it unset to hold out data.eval_fraction of the documents")
+    _require(d.max_docs is None or d.max_docs >= 1, f"data.max_docs: must be at least 1, got {d.max_docs}")
     if d.source == "prepared":
         _require(d.path is not None and Path(d.path).is_dir(),
                  f"data.path: prepared data directory '{d.path}' not found")
@@ -377,6 +391,11 @@ def validate(config: Config) -> None:
     _require(t.grad_clip >= 0.0, f"train.grad_clip: must be >= 0, got {t.grad_clip}")
     _require(t.eval_every >= 0, f"train.eval_every: must be >= 0, got {t.eval_every}")
     _require(t.eval_tokens >= 1, f"train.eval_tokens: must be positive, got {t.eval_tokens}")
+    _require(t.eval_batch_size is None or t.eval_batch_size >= 1,
+             f"train.eval_batch_size: must be at least 1, got {t.eval_batch_size}")
+    _require(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
+             f"train.device: unknown device '{t.device}'{closest(t.device, ['auto', 'cpu', 'cuda'])}; "
+             "use auto, cpu, cuda or cuda:N")
     _require(t.log_every >= 1, f"train.log_every: must be at least 1, got {t.log_every}")
     _require(t.schedule in SCHEDULES,
              f"train.schedule: unknown schedule '{t.schedule}'{closest(t.schedule, SCHEDULES)}; "
@@ -385,6 +404,8 @@ def validate(config: Config) -> None:
     _require(c.keep_last >= 1, f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
     if c.resume not in (None, "auto"):
         _require(Path(c.resume).is_dir(), f"checkpoint.resume: checkpoint directory '{c.resume}' not found")
+        _require((Path(c.resume) / "state.pt").is_file(),
+                 f"checkpoint.resume: '{c.resume}' is not a complete checkpoint (no state.pt)")
     if config.optimizer.update_in_backward:
         _require(t.grad_clip == 0.0,
                  "optimizer.update_in_backward: global gradient clipping needs every gradient at once; "

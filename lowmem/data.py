@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from lowmem.config import DataConfig
+from lowmem.config import ConfigError, DataConfig
 
 Split = Literal["train", "eval"]
 TOKENIZE_CHUNK_DOCS = 512  # documents per tokenizer call: large enough for the fast tokenizer's threads
@@ -41,7 +41,7 @@ PREPARED_TOKENIZER = "tokenizer"
 # Documents
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A data source cannot be read as configured; the message names the files or dataset and the key."""
 
 

@@ -21,8 +21,9 @@ def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     }
     if hasattr(optimizer, "expected_state_bytes"):
         report["optimizer_state_bytes_predicted"] = int(optimizer.expected_state_bytes())
-    if torch.cuda.is_available():
-        report["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    device = params[0].device
+    if device.type == "cuda":
+        report["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return report
 
 

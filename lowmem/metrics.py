@@ -18,7 +18,8 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1  # drop events a crashed run wrote later
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def _truncate_after(self, step: int) -> None:
         """Drop records a crashed run wrote past the checkpoint it resumes from, so steps stay unique."""

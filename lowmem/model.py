@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from lowmem.config import ConfigError, ModelConfig, closest
@@ -35,6 +36,8 @@ def llama_config(cfg: ModelConfig, vocab_size: int | None = None) -> LlamaConfig
     fields.update({key: getattr(cfg, key) for key in OVERRIDABLE if getattr(cfg, key) is not None})
     known = set(LlamaConfig().to_dict())
     for key in cfg.extra:
+        if key in OVERRIDABLE:
+            raise ConfigError(f"model.extra.{key}: set model.{key} instead")
         if key not in known:
             raise ConfigError(f"model.extra.{key}: not a LlamaConfig field{closest(key, known)}")
     fields.update(cfg.extra)
@@ -45,14 +48,26 @@ def llama_config(cfg: ModelConfig, vocab_size: int | None = None) -> LlamaConfig
     if fields["num_attention_heads"] % kv_heads:
         raise ConfigError(f"model.num_key_value_heads: {kv_heads} does not divide "
                           f"model.num_attention_heads {fields['num_attention_heads']}")
-    return LlamaConfig(**fields)
+    try:
+        return LlamaConfig(**fields)
+    except (ValueError, TypeError, StrictDataclassError) as err:  # transformers checks head_dim, rope, ...
+        raise ConfigError(f"model: the preset '{cfg.preset}' with these overrides is not a valid LlamaConfig: "
+                          f"{err}") from err
+
+
+def load_pretrained(name: str, loader, **kwargs):
+    """`loader.from_pretrained(name)`, with a failure reported against the `model.pretrained` key."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.pretrained: cannot load '{name}' (a local directory or hub name): {err}") from err
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A fresh preset model, or `cfg.pretrained` (local directory or hub name) loaded with its weights."""
     if cfg.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
+        model = load_pretrained(cfg.pretrained, AutoModelForCausalLM, dtype=dtype)
     else:
         with torch.device(device):
             model = LlamaForCausalLM(llama_config(cfg, vocab_size)).to(dtype)
@@ -67,7 +82,7 @@ def build_meta_model(cfg: ModelConfig, vocab_size: int | None = None) -> PreTrai
     if cfg.pretrained is not None:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(cfg.pretrained)
+        config = load_pretrained(cfg.pretrained, AutoConfig)
     else:
         config = llama_config(cfg, vocab_size)
     with torch.device("meta"):

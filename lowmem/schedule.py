@@ -1,4 +1,8 @@
-"""Learning-rate schedules: linear warmup, then decay to `min_lr_ratio` of the peak (as the papers do)."""
+"""Learning-rate schedules: linear warmup, then decay to `min_lr_ratio` of the peak (as the papers do).
+
+Warmup gives update t (0-based) the factor (t+1)/warmup, so the first update already moves the weights; the
+papers' scripts use t/warmup, whose first update has lr 0.
+"""
 from __future__ import annotations
 
 import math

@@ -12,7 +12,7 @@ from typing import Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lowmem.config import BPEConfig, DataConfig, TokenizerConfig
+from lowmem.config import ConfigError, BPEConfig, DataConfig, TokenizerConfig
 from lowmem.data import iter_documents, prepared_tokenizer_dir
 
 EOS_TOKEN = "<|endoftext|>"
@@ -38,7 +38,11 @@ def build_tokenizer(cfg: TokenizerConfig, data_cfg: DataConfig,
     elif data_cfg.source == "prepared":
         tokenizer = AutoTokenizer.from_pretrained(str(prepared_tokenizer_dir(data_cfg)))
     elif cfg.name is not None:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"tokenizer.name: cannot load '{cfg.name}' (a local directory or hub name): "
+                              f"{err}") from err
     elif cfg.train_bpe is not None:
         tokenizer = train_bpe(cfg.train_bpe, iter_documents(data_cfg, "train"))
     else:

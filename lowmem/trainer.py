@@ -16,7 +16,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from lowmem import checkpoint as ckpt
-from lowmem.config import Config
+from lowmem.config import Config, ConfigError
 from lowmem.data import build_train_batches, eval_batches
 from lowmem.memory import format_memory_table, memory_report
 from lowmem.metrics import MetricsLog
@@ -35,10 +35,40 @@ class TrainingDiverged(RuntimeError):
 PARAM_DTYPES = {"fp32": torch.float32, "bf16_autocast": torch.float32, "bf16": torch.bfloat16}
 
 
+# Keys a resumed run may change; any other difference from the checkpoint's config is refused.
+RESUMABLE_CHANGES = ("run.out_dir", "checkpoint.", "log.", "train.max_steps", "train.max_tokens", "train.eval_every",
+                     "train.eval_tokens", "train.eval_batch_size", "train.log_every", "train.device")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume with a different model, data, optimizer or schedule than the checkpoint was made with:
+    the restored state would silently override it (or fail to load)."""
+    old, new = flatten(saved), flatten(current)
+    changed = sorted(key for key in old.keys() | new.keys()
+                     if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES))
+    if changed:
+        details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
+        raise ConfigError(f"checkpoint.resume: {path} was made with a different config ({details}); resume with "
+                          f"the original values, or start a new run (another run.name)")
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -53,9 +83,12 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.device = pick_device(cfg.train.device)
         self.resume_from = self._find_resume_checkpoint()
+        self.resume_state = ckpt.load_state(self.resume_from) if self.resume_from else None
+        if self.resume_state is not None:
+            check_resume_config(self.resume_state["config"], cfg.to_dict(), self.resume_from)
         torch.manual_seed(cfg.run.seed)
 
-        self._check_optimizer_against_model()
+        self._check_against_model()
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data,
                                          saved_dir=self.resume_from / "model" if self.resume_from else None)
         vocab_size = cfg.model.vocab_size or len(self.tokenizer)
@@ -73,7 +106,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         if self.resume_from is not None:
-            self._restore(self.resume_from)
+            self._restore(self.resume_from, self.resume_state)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -84,17 +117,25 @@ class Trainer:
 
     def _find_resume_checkpoint(self) -> Path | None:
         resume = self.config.checkpoint.resume
-        if resume is None:
-            return None
         if resume == "auto":
             return ckpt.latest_checkpoint(self.run_dir)  # None: nothing to resume, start fresh
-        return Path(resume)
+        if resume is not None:
+            return Path(resume)
+        if ckpt.list_checkpoints(self.run_dir):
+            raise ConfigError(f"run.name: '{self.run_dir}' already holds checkpoints of another run; set "
+                              "checkpoint.resume=auto to continue it, or choose another run.name")
+        return None
 
-    def _check_optimizer_against_model(self) -> None:
-        """Fail on impossible optimizer values (rank > a matrix side) before the tokenizer or any weight is
-        built. The projected weights' shapes do not depend on the vocabulary, so a placeholder size serves."""
+    def _check_against_model(self) -> None:
+        """Fail on impossible values (rank > a matrix side, sequences longer than the model's positions) before
+        the tokenizer or any weight is built. The projected weights' shapes do not depend on the vocabulary,
+        so a placeholder size serves."""
         meta = build_meta_model(self.config.model, self.config.model.vocab_size or 32000)
         check_options_against_model(meta, self.config.optimizer)
+        max_positions = meta.config.max_position_embeddings
+        if self.config.data.seq_len > max_positions:
+            raise ConfigError(f"data.seq_len: {self.config.data.seq_len} exceeds the model's "
+                              f"max_position_embeddings {max_positions}")
 
     def _total_steps(self) -> int:
         t, d = self.config.train, self.config.data
@@ -102,8 +143,7 @@ class Trainer:
             return t.max_steps
         return max(1, math.ceil(t.max_tokens / (t.batch_size * t.grad_accum * d.seq_len)))
 
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_state(path)
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
         ckpt.load_model_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -120,6 +160,7 @@ class Trainer:
             "data": self.train_batches.state_dict(),
             "rng": ckpt.rng_state(),
             "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
+            "config": self.config.to_dict(),
         }
 
     def save(self) -> Path:
@@ -180,7 +221,10 @@ class Trainer:
             with self._autocast():
                 total += float(self.model(**batch, num_items_in_batch=one).loss)
             count += target_tokens(batch)
-        loss = total / max(count, 1)
+        if count == 0:
+            raise ConfigError("train.eval_tokens: the held-out set has no target tokens; check data.eval_fraction "
+                              "or data.eval_split")
+        loss = total / count
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -192,6 +236,9 @@ class Trainer:
         counts = count_parameters(self.model)
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
               f"non-embedding), optimizer: {cfg.optimizer.name}, {self.total_steps} updates, device {self.device}")
+        if self.step >= end:
+            print(f"already at step {self.step} of {self.total_steps}: nothing to train, evaluating")
+            return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
         batches = iter(self.train_batches)
         progress = tqdm(total=end, initial=self.step, disable=not cfg.log.progress, dynamic_ncols=True)
         last: dict[str, Any] = {}
@@ -202,21 +249,24 @@ class Trainer:
                 window_tokens += cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
                 evaluate_now = ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                                 or self.step == self.total_steps)
-                if self.step % cfg.train.log_every == 0 or self.step == end or evaluate_now:
+                log_now = self.step % cfg.train.log_every == 0 or self.step == end or evaluate_now
+                if log_now:
                     record.update(step=self.step, tokens=self.tokens_seen,
                                   tokens_per_s=window_tokens / (time.perf_counter() - window_start))
-                    if self.device.type == "cuda":
-                        record["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
                     if evaluate_now:
                         record.update(self.evaluate())
+                    if self.device.type == "cuda":  # the peak of this logging window, eval included
+                        record["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+                        torch.cuda.reset_peak_memory_stats(self.device)
                     self.metrics.log(record)
                     last = record
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                          tok_s=f"{record['tokens_per_s']:.0f}")
-                    window_start, window_tokens = time.perf_counter(), 0
                 progress.update(1)
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == self.total_steps:
                     self.save()
+                if log_now:  # the next timing window starts after this step's eval and save
+                    window_start, window_tokens = time.perf_counter(), 0
         finally:
             progress.close()
             self.metrics.close()

@@ -130,3 +130,30 @@ def test_rank_larger_than_a_weight_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "optimizer.rank: 129 exceeds the smaller side of model.layers.0.self_attn.q_proj.weight" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=1e-3", None),  # YAML 1.1 reads this as a string; it is a number
+    ("train.max_tokens=1e6", None),
+    ("train.eval_batch_size=-1", "train.eval_batch_size: must be at least 1"),
+    ("train.device=cdua", "train.device: unknown device 'cdua'"),
+    ("data.eval_split=validation", "data.eval_split: only hub datasets have named splits"),
+    ("data.max_docs=0", "data.max_docs: must be at least 1"),
+    ("data.files=[a.txt]", "data.files: set, but data.source is 'embedded'"),
+    ("data.streaming=true", "data.streaming: only hub and files sources stream"),
+])
+def test_value_checks(tmp_path, override, message):
+    base = write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"}})
+    if message is None:
+        config = load_config(base, [override])
+        assert config.optimizer.lr == 1e-3 or config.train.max_tokens == 1_000_000
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load_config(base, [override])
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
+    (tmp_path / "ck").mkdir()
+    base = write(tmp_path / "c.yaml", {"checkpoint": {"resume": str(tmp_path / "ck")}})
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        load_config(base)

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import lowmem.tokenizer as tokenizer_module
-from lowmem.config import BPEConfig, DataConfig, TokenizerConfig
+from lowmem.config import BPEConfig, ConfigError, DataConfig, TokenizerConfig
 from lowmem.data import is_held_out, iter_documents
 from lowmem.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tokenizer, train_bpe
 
@@ -112,6 +112,6 @@ def test_tokenizer_without_eos_gets_one(tmp_path, text_files):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id and len(tokenizer) == 5
 
 
-def test_unknown_hub_name_fails(text_files):
-    with pytest.raises(OSError):
+def test_unknown_hub_name_fails_naming_the_key(text_files):
+    with pytest.raises(ConfigError, match="tokenizer.name: cannot load 'no-such-org/no-such-tokenizer'"):
         build_tokenizer(TokenizerConfig(name="no-such-org/no-such-tokenizer"), text_files)

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from lowmem.checkpoint import latest_checkpoint, list_checkpoints, load_state
+from lowmem.config import ConfigError
 from lowmem.metrics import read_metrics
 from lowmem.trainer import Trainer, TrainingDiverged
 
@@ -16,11 +17,12 @@ def losses(run_dir):
 
 def test_run_writes_checkpoint_metrics_and_eval(tmp_path, corpus, make_config):
     config = make_config(tmp_path, corpus)
-    final = Trainer(config).fit()
+    trainer = Trainer(config)
+    final = trainer.fit()
     assert final["step"] == 12 and math.isfinite(final["eval_ppl"]) and final["eval_tokens"] > 0
     records = read_metrics(config.run_dir)
     memory = records[0]
-    num_tensors = sum(1 for _ in Trainer(config).model.parameters())
+    num_tensors = sum(1 for _ in trainer.model.parameters())
     # AdamW: two fp32 moments per weight plus one fp32 step counter per tensor.
     assert memory["event"] == "memory"
     assert memory["optimizer_state_bytes"] == 2 * memory["params_bytes"] + 4 * num_tensors
@@ -127,3 +129,42 @@ def test_tensorboard_scalars_are_written_when_asked(tmp_path, corpus, make_confi
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert "eval_ppl" in events.Tags()["scalars"]
+
+
+def test_a_fresh_run_refuses_a_directory_holding_checkpoints(tmp_path, corpus, make_config):
+    config = make_config(tmp_path, corpus, "train.max_steps=4")
+    Trainer(config).fit()
+    with pytest.raises(ConfigError, match="already holds checkpoints.*checkpoint.resume=auto"):
+        Trainer(make_config(tmp_path, corpus, "train.max_steps=6"))
+    assert [p.name for p in list_checkpoints(config.run_dir)] == ["step_00000004"]
+
+
+def test_resume_refuses_a_changed_config_and_allows_a_longer_run(tmp_path, corpus, make_config):
+    Trainer(make_config(tmp_path, corpus, "train.max_steps=4")).fit()
+    with pytest.raises(ConfigError, match=r"optimizer.lr: 0.01 -> 0.1"):
+        Trainer(make_config(tmp_path, corpus, "train.max_steps=4", "checkpoint.resume=auto", "optimizer.lr=0.1"))
+    with pytest.raises(ConfigError, match=r"model.hidden_size: 32 -> 64"):
+        Trainer(make_config(tmp_path, corpus, "checkpoint.resume=auto", "model.hidden_size=64"))
+    longer = Trainer(make_config(tmp_path, corpus, "train.max_steps=6", "checkpoint.resume=auto"))
+    assert longer.step == 4
+    assert longer.fit()["step"] == 6
+
+
+def test_resuming_a_finished_run_evaluates_and_says_so(tmp_path, corpus, make_config, capsys):
+    config = make_config(tmp_path, corpus, "train.max_steps=3")
+    first = Trainer(config).fit()
+    again = Trainer(make_config(tmp_path, corpus, "train.max_steps=3", "checkpoint.resume=auto")).fit()
+    assert "nothing to train" in capsys.readouterr().out
+    assert again["step"] == 3 and again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_size=30", "model: the preset 'llama_9m' with these overrides is not a valid LlamaConfig"),
+    ("model.pretrained=/nonexistent/model", "model.pretrained: cannot load '/nonexistent/model'"),
+    ("tokenizer.name=./no-such-tokenizer", "tokenizer.name: cannot load './no-such-tokenizer'"),
+    ("data.seq_len=4096", "data.seq_len: 4096 exceeds the model's max_position_embeddings 1024"),
+])
+def test_bad_values_found_while_building_name_the_key(tmp_path, corpus, make_config, override, message):
+    overrides = [override] + (["tokenizer.train_bpe=null"] if override.startswith("tokenizer.name") else [])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(make_config(tmp_path, corpus, *overrides))
