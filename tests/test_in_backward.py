@@ -8,7 +8,7 @@ import torch
 
 from lowmem.optim import OptimizerOptions, build_optimizer
 from lowmem.optim.in_backward import UpdateInBackward
-from lowmem.optim.presets import FiraOptions, GaloreOptions
+from lowmem.optim.presets import FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
 
 
 class TinyNet(torch.nn.Module):
@@ -35,8 +35,10 @@ def loss_of(model, tokens):
 
 @pytest.mark.parametrize("options", [OptimizerOptions(lr=1e-2, weight_decay=0.1),
                                      GaloreOptions(rank=4, update_gap=2, weight_decay=0.1),
-                                     FiraOptions(rank=4, update_gap=2, projector="random")],
-                         ids=["adamw", "galore", "fira-random"])
+                                     FiraOptions(rank=4, update_gap=2, projector="random"),
+                                     OSDOptions(rank=4, update_gap=2, weight_decay=0.1),
+                                     FrugalOptions(update_gap=2, density=0.5, weight_decay=0.1)],
+                         ids=["adamw", "galore", "fira-random", "osd", "frugal-blocks"])
 def test_in_backward_with_accumulation_equals_step_after_accumulation(options):
     torch.manual_seed(0)
     reference = TinyNet()

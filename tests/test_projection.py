@@ -64,6 +64,8 @@ def rank_dim(shape):
 
 
 def reference_galore_fira(W, grads, lr, wd, eps, scale, fira=None, gamma=1.01):
+    """GaLore, or Fira as its paper writes it (Alg. 1): N bias-corrected, S = (I - PP^T) G, alpha on P N + S."""
+    assert fira in (None, "paper")
     W = W.clone()
     M = V = P = prev_norm = None
     for t, G in enumerate(grads):
@@ -77,21 +79,94 @@ def reference_galore_fira(W, grads, lr, wd, eps, scale, fira=None, gamma=1.01):
         U = scale * up(P, N, G.shape)
         if fira is not None:
             d = rank_dim(G.shape)
-            S = G - up(P, R, G.shape) * (1.0 if fira == "paper" else scale)
+            S = G - up(P, R, G.shape)
             phi = N.norm(dim=d, keepdim=True) / (R.norm(dim=d, keepdim=True) + 1e-8)
             S = S * phi
-            if prev_norm is not None:
+            if prev_norm is not None and prev_norm > 0:  # a zero previous norm counts as a first step
                 ratio = S.norm() / (prev_norm + 1e-8)
                 if ratio > gamma:
                     S = S * gamma / ratio
             prev_norm = S.norm()
-            U = U + (scale * S if fira == "paper" else S)
+            U = U + scale * S
         W = W - lr * U
         W = W - lr * wd * W
     return W
 
 
-@pytest.mark.parametrize("residual,variant", [("drop", "paper"), ("fira", "paper"), ("fira", "code")])
+def reference_fira_released_code(W, grads, lr, wd, eps, alpha, gamma=1.01):
+    """Fira's released code, transcribed from the reference's section 3.1 pseudo-code, in Fira's own
+    orientation: the Adam direction N is NOT bias-corrected, project_back multiplies by alpha (so the
+    residual is G - alpha P R), the limiter state `scaling_grad` holds the post-limit norm in those
+    uncorrected units, and the bias-correction factor multiplies alpha P N + S after limiting.
+    Returns the weights and how many updates the limiter actually scaled down."""
+    W = W.clone()
+    exp_avg = exp_avg_sq = P = None
+    lim_state = {}
+    limited = 0
+    for t, G in enumerate(grads):
+        if t % GAP == 0:
+            P = svd_basis(G, RANK)
+        R = down(P, G)
+        if exp_avg is None:
+            exp_avg, exp_avg_sq = torch.zeros_like(R), torch.zeros_like(R)
+        exp_avg = exp_avg * B1 + R * (1 - B1)
+        exp_avg_sq = exp_avg_sq * B2 + R * R * (1 - B2)
+        step = t + 1
+        norm_grad = exp_avg / (exp_avg_sq.sqrt() + eps)  # N, no bias correction
+        sub = alpha * up(P, R, G.shape)  # Fira's project_back(R) includes alpha
+        d = 0 if norm_grad.shape[0] < norm_grad.shape[1] else 1
+        factor = norm_grad.norm(dim=d) / (R.norm(dim=d) + 1e-8)
+        if d == 1:
+            factor = factor.unsqueeze(1)  # one factor per row of an m x r core (right projection)
+        S = (G - sub) * factor
+        if "scaling_grad" in lim_state:
+            before = S.norm()
+            lim = max(before / (lim_state["scaling_grad"] + 1e-8), gamma) / gamma
+            limited += int(lim > 1)
+            S = S / lim
+            lim_state["scaling_grad"] = before / lim
+        else:
+            lim_state["scaling_grad"] = S.norm()
+        U = alpha * up(P, norm_grad, G.shape) + S
+        W = W - lr * math.sqrt(1 - B2 ** step) / (1 - B1 ** step) * U
+        W = W * (1 - lr * wd)  # weight decay after the update, as GaLore/Fira
+    return W, limited
+
+
+def test_fira_code_variant_matches_released_code_with_limiter_active():
+    g = torch.Generator().manual_seed(3)
+    shapes = SHAPES
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    # gradients whose size jumps now and then, so the growth limiter binds on several updates
+    grads = [[torch.randn(s, generator=g) * (4.0 if t % 3 == 2 else 1.0) for s in shapes] for t in range(9)]
+    options = FiraOptions(rank=RANK, update_gap=GAP, lr=0.01, weight_decay=0.1, fira_variant="code")
+    ours, _ = run_ours(options, weights, grads)
+    for i, w in enumerate(weights):
+        expected, limited = reference_fira_released_code(w, [gr[i] for gr in grads], 0.01, 0.1, 1e-6, 0.25)
+        assert limited >= 2
+        torch.testing.assert_close(ours[i], expected, atol=1e-6, rtol=0)
+
+
+def test_fira_limiter_restarts_after_an_all_zero_gradient():
+    """After a zero gradient the stored norm is 0: the next update is unlimited (like a first update)
+    instead of being pinned near gamma * 1e-8."""
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.zeros(10, 6)]] + [[torch.randn(10, 6, generator=g)] for _ in range(3)]
+    weights = [torch.randn(10, 6, generator=g)]
+    for variant in ("paper", "code"):
+        limited_run, opt = run_ours(FiraOptions(rank=RANK, update_gap=100, fira_variant=variant), weights, grads[:2])
+        free_run, free_opt = run_ours(FiraOptions(rank=RANK, update_gap=100, fira_variant=variant, fira_gamma=1e12),
+                                      weights, grads[:2])
+        norm = opt.state[opt.param_groups[0]["params"][0]]["fira_norm"]
+        assert norm > 1e-3
+        torch.testing.assert_close(norm, free_opt.state[free_opt.param_groups[0]["params"][0]]["fira_norm"])
+        torch.testing.assert_close(limited_run[0], free_run[0], atol=1e-7, rtol=0)
+    ours, _ = run_ours(FiraOptions(rank=RANK, update_gap=GAP), weights, grads)
+    expected = reference_galore_fira(weights[0], [gr[0] for gr in grads], 0.01, 0.0, 1e-6, 0.25, fira="paper")
+    torch.testing.assert_close(ours[0], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("residual,variant", [("drop", "paper"), ("fira", "paper")])
 def test_galore_and_fira_match_reference(residual, variant):
     weights, grads = fixed_problem()
     cls = GaloreOptions if residual == "drop" else FiraOptions
@@ -355,6 +430,217 @@ def test_svd_failure_falls_back(monkeypatch):
     basis = next(iter(opt.state.values()))["basis"]
     torch.testing.assert_close(basis.T @ basis, torch.eye(2), atol=1e-5, rtol=0)
     assert calls["n"] == 2
+
+
+def test_svd_double_failure_uses_randomized_fallback_without_touching_global_rng(monkeypatch):
+    def failing_svd(matrix, *args, **kwargs):
+        calls["n"] += 1
+        raise torch.linalg.LinAlgError("did not converge")
+
+    calls = {"n": 0}
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    g = torch.Generator().manual_seed(0)
+    # a clear rank-2 structure plus noise: the fallback must find its subspace
+    grad = (torch.randn(20, 2, generator=g) @ torch.randn(2, 12, generator=g)) * 10 + 0.01 * torch.randn(20, 12, generator=g)
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    p = torch.nn.Parameter(torch.randn(20, 12, generator=g))
+    opt = ProjectedAdam([{"params": [p], "projected": True, "names": ["layers.0.mlp.up_proj.weight"]}],
+                        GaloreOptions(rank=2))
+    p.grad = grad.clone()
+    with pytest.warns(RuntimeWarning, match=r"layers\.0\.mlp\.up_proj\.weight.*randomized SVD"):
+        opt.step()
+    assert calls["n"] == 2
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG was neither used nor reseeded
+    basis = opt.state[p]["basis"]  # right projection: b = 12
+    assert basis.shape == (12, 2) and torch.isfinite(basis).all()
+    torch.testing.assert_close(basis.T @ basis, torch.eye(2), atol=1e-5, rtol=0)
+    _, _, vh = torch.linalg.svd.__wrapped__(grad) if hasattr(torch.linalg.svd, "__wrapped__") else (None, None, None)
+    monkeypatch.undo()
+    top = torch.linalg.svd(grad, full_matrices=False)[2][:2].T
+    torch.testing.assert_close(basis @ basis.T, top @ top.T, atol=1e-4, rtol=0)  # same subspace
+
+
+def test_svd_errors_other_than_linalg_propagate_and_nonfinite_gradients_are_named(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = ProjectedAdam([{"params": [p], "projected": True, "names": ["blocks.3.attn.q.weight"]}],
+                        GaloreOptions(rank=2))
+    p.grad = torch.randn(6, 4)
+    p.grad[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"blocks\.3\.attn\.q\.weight' \(shape 6x4\)"):
+        opt.step()
+
+    def oom_svd(matrix, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.linalg, "svd", oom_svd)
+    p.grad = torch.randn(6, 4)
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+
+
+def test_randomized_svd_projector_leaves_global_rng_alone():
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    weights, grads = fixed_problem(shapes=[(12, 8)], steps=2)
+    _, opt = run_ours(GaloreOptions(rank=2, update_gap=1, projector="randomized_svd"), weights, grads)
+    assert torch.equal(torch.get_rng_state(), before)
+    basis = next(iter(opt.state.values()))["basis"]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("skip", [(0, 1), (3, 4)], ids=["between-refreshes", "at-a-refresh"])
+def test_frugal_blocks_active_set_is_shared_when_a_weight_misses_a_gradient(skip):
+    """4 trainable weights (plus a frozen one that must not count), density 0.5, one weight without a
+    gradient on one update: exactly 2 active at every update (a weight that misses the refresh update
+    joins that refresh's draw at its next update), and the set changes at refreshes and only there."""
+    gap, updates = 2, 10
+    mats = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(4)]
+    frozen = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    opt = ProjectedAdam([{"params": [frozen] + mats, "projected": True}], FrugalOptions(update_gap=gap, density=0.5))
+    history = []
+    for t in range(updates):
+        for i, m in enumerate(mats):
+            m.grad = None if (i, t) == skip else torch.randn(4, 4)
+        opt.step()
+        flags = tuple(opt.state[m]["active"] for m in mats)
+        if (skip[1], skip[1] % gap) != (t, 0):  # the skipped weight's flag is stale only on a skipped refresh
+            assert sum(flags) == 2, (t, flags)
+        history.append(flags)
+    for t in range(1, updates):
+        if t % gap and t != skip[1] + 1:
+            assert history[t] == history[t - 1], t  # no change between refreshes
+    assert any(history[t] != history[t - 1] for t in range(gap, updates, gap))
+    assert len(opt.state[frozen]) == 0
+
+
+def test_frugal_inactive_lr_scale_and_scale_match_reference():
+    """FRUGAL svd with proj_params_lr_scale (scale) and inactive_lr_scale != 1, both residual rules."""
+    weights, grads = fixed_problem(shapes=[(12, 8), (6, 10)])
+    lr, scale, inactive = 0.01, 0.5, 0.3
+    for rule in ("sign_sgd", "sgd"):
+        options = FrugalOptions(projector="svd", density=0.25, update_gap=GAP, lr=lr, scale=scale,
+                                inactive_lr_scale=inactive, residual=rule)
+        ours, _ = run_ours(options, weights, grads)
+        for i, w in enumerate(weights):
+            W = w.clone()
+            r = round(0.25 * min(w.shape))
+            for t, step in enumerate(grads):
+                G = step[i]
+                if t % GAP == 0:
+                    P, M, V, k = svd_basis(G, r), 0.0, 0.0, 0
+                R = down(P, G)
+                M, V, k = B1 * M + (1 - B1) * R, B2 * V + (1 - B2) * R * R, k + 1
+                N = (M / (1 - B1 ** k)) / (V.sqrt() / math.sqrt(1 - B2 ** k) + 1e-8)
+                rest = G - up(P, R, G.shape)
+                rest = torch.sign(rest) if rule == "sign_sgd" else rest
+                W = W - lr * scale * (up(P, N, G.shape) + inactive * rest)
+            torch.testing.assert_close(ours[i], W, atol=1e-6, rtol=0)
+
+
+def test_frugal_blocks_with_scales_match_reference():
+    weights, grads = fixed_problem(shapes=[(6, 4), (5, 7), (4, 4), (3, 6)])
+    lr, scale, inactive = 0.01, 0.5, 0.3
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = ProjectedAdam([{"params": params, "projected": True}],
+                        FrugalOptions(update_gap=GAP, lr=lr, density=0.5, scale=scale, inactive_lr_scale=inactive))
+    ref = [w.clone() for w in weights]
+    moments = [None] * len(weights)
+    for t, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, G in enumerate(step_grads):
+            if t % GAP == 0:
+                moments[i] = (torch.zeros_like(G), torch.zeros_like(G), 0)
+            if opt.state[params[i]]["active"]:
+                M, V, k = moments[i]
+                M, V, k = B1 * M + (1 - B1) * G, B2 * V + (1 - B2) * G * G, k + 1
+                moments[i] = (M, V, k)
+                ref[i] = ref[i] - lr * scale * (M / (1 - B1 ** k)) / (V.sqrt() / math.sqrt(1 - B2 ** k) + 1e-8)
+            else:
+                ref[i] = ref[i] - lr * scale * inactive * torch.sign(G)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=0)
+
+
+def test_osd_follows_the_lr_schedule_factor():
+    """OSD's P step uses lr = (1/T) * lr_t / initial_lr; the weight step uses lr_t."""
+    weights, grads = fixed_problem(shapes=[(10, 6), (6, 10)])
+    lrs = [0.01 * f for f in (1.0, 0.5, 0.25, 0.8, 0.1, 0.6, 0.3)]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = ProjectedAdam([{"params": params, "projected": True}], OSDOptions(rank=RANK, update_gap=GAP, lr=0.01))
+    for t, step in enumerate(grads):
+        for group in opt.param_groups:
+            group["lr"] = lrs[t]
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    for i, w in enumerate(weights):
+        W, M, V, P, p_opt = w.clone(), 0.0, 0.0, None, None
+        for t, step in enumerate(grads):
+            G = step[i]
+            if P is None:
+                P = torch.nn.Parameter(svd_basis(G, RANK).clone())
+                p_opt = torch.optim.AdamW([P], lr=1 / GAP, weight_decay=0.01)
+            else:
+                X = G / G.norm()
+                with torch.enable_grad():
+                    proj = X @ P.T @ P if G.shape[0] >= G.shape[1] else P @ P.T @ X
+                    ((proj - X) ** 2).sum().backward()
+            R = down(P.detach(), G)
+            M, V, k = B1 * M + (1 - B1) * R, B2 * V + (1 - B2) * R * R, t + 1
+            N = M / (V.sqrt() + 1e-6) * math.sqrt(1 - B2 ** k) / (1 - B1 ** k)
+            W = W - lrs[t] * 0.25 * up(P.detach(), N, G.shape)
+            for pg in p_opt.param_groups:
+                pg["lr"] = (1 / GAP) * lrs[t] / 0.01
+            p_opt.step()
+            p_opt.zero_grad()
+        torch.testing.assert_close(params[i].detach(), W, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("options", [GaloreOptions(rank=RANK, update_gap=GAP), FiraOptions(rank=RANK, update_gap=GAP),
+                                     FrugalOptions(update_gap=GAP, density=0.5, projector="svd"),
+                                     OSDOptions(rank=RANK, update_gap=GAP)], ids=lambda o: o.name)
+def test_bf16_weights_track_an_fp32_run(options):
+    """bf16 weights are stepped through an fp32 copy: they stay within bf16 rounding of an fp32 run."""
+    weights, grads = fixed_problem(shapes=[(24, 16), (16, 24)], steps=6)
+    weights = [(0.02 * w).to(torch.bfloat16).float() for w in weights]  # exactly representable start
+    grads = [[g.to(torch.bfloat16).float() for g in step] for step in grads]
+    ref, _ = run_ours(options, weights, grads)
+    params = [torch.nn.Parameter(w.to(torch.bfloat16)) for w in weights]
+    opt = ProjectedAdam([{"params": params, "projected": True}], options)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.to(torch.bfloat16)
+        opt.step()
+    for p, r, w in zip(params, ref, weights):
+        assert p.dtype == torch.bfloat16
+        moved = (r - w).norm()
+        assert moved > 0
+        assert (p.detach().float() - r).norm() < 0.05 * moved  # within bf16 rounding of the fp32 run
+
+
+def test_float64_weights_are_refused_not_downcast():
+    p = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"\(shape 6x4\) is float64"):
+        ProjectedAdam([{"params": [p], "projected": True}], GaloreOptions(rank=2))
+
+
+def test_random_projector_draws_one_basis_per_update(monkeypatch):
+    calls = {"n": 0}
+    real_qr = torch.linalg.qr
+
+    def counting_qr(*args, **kwargs):
+        calls["n"] += 1
+        return real_qr(*args, **kwargs)
+
+    weights, grads = fixed_problem(shapes=[(10, 6), (6, 10)], steps=4)  # two weights: the cache alternates
+    monkeypatch.setattr(torch.linalg, "qr", counting_qr)
+    for residual in ("drop", "fira"):
+        calls["n"] = 0
+        run_ours(GaloreOptions(rank=2, update_gap=100, projector="random", residual=residual), weights, grads)
+        assert calls["n"] <= 2 * len(grads), residual  # at most one randn + QR per weight per update
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,9 +19,15 @@ def fresh_copy(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tor
     return out.copy_(tensor)
 
 
+def bias_correction(step: int, beta1: float, beta2: float) -> float:
+    """sqrt(1 - b2^t) / (1 - b1^t): the factor between GaLore's bias-corrected and uncorrected directions."""
+    return math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+
+
 def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
                    beta1: float, beta2: float, eps: float, eps_scaled: bool) -> torch.Tensor:
-    """Update the moments in place with `grad` and return the bias-corrected Adam direction (fp32).
+    """Update the moments in place with `grad` and return the bias-corrected Adam direction (fp32), a fresh
+    tensor the caller may modify in place. All of the element-wise Adam math lives here.
 
     eps_scaled=False is GaLore's convention, sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps);
     eps_scaled=True is torch's, (m / (1-b1^t)) / (sqrt(v) / sqrt(1-b2^t) + eps).
@@ -32,10 +38,13 @@ def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     bias1 = 1.0 - beta1 ** step
     bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    # one temporary: the denominator, overwritten by the direction (same values as m / denom)
     if eps_scaled:
-        direction = torch.div(m, v.sqrt().div_(bias2_sqrt).add_(eps)).div_(bias1)
+        denom = v.sqrt().div_(bias2_sqrt).add_(eps)
+        direction = torch.div(m, denom, out=denom).div_(bias1)
     else:
-        direction = torch.div(m, v.sqrt().add_(eps)).mul_(bias2_sqrt / bias1)
+        denom = v.sqrt().add_(eps)
+        direction = torch.div(m, denom, out=denom).mul_(bias2_sqrt / bias1)
     if m is not exp_avg:  # bf16 states: write the fp32 result back
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)

@@ -20,8 +20,12 @@ class UpdateInBackward:
                          for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
     def arm(self, enabled: bool) -> None:
-        """True before the backward of the last micro-batch of a window, False before the others."""
+        """True before the backward of the last micro-batch of a window, False before the others.
+        Arming starts an optimizer update (ProjectedAdam.begin_update: the shared update index)."""
         self.armed = enabled
+        begin_update = getattr(self.optimizer, "begin_update", None)
+        if enabled and begin_update is not None:
+            begin_update()
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         if not self.armed:

@@ -33,7 +33,9 @@ class ProjectionOptions(OptimizerOptions):
     adam_convention: str = "galore"  # galore: eps not bias-scaled, decay after; torch: AdamW's
     residual: str = "drop"  # drop | fira | sign_sgd | sgd
     fira_gamma: float = 1.01  # Fira's norm-growth limit per update
-    fira_variant: str = "paper"  # paper | code (see lowmem.optim.residuals.FiraResidual)
+    # paper (default: where Fira's paper and code differ we follow the paper) | code (Fira's released code,
+    # how its published tables were produced); see lowmem.optim.residuals.FiraResidual
+    fira_variant: str = "paper"
     inactive_lr_scale: float = 1.0  # FRUGAL: lr multiplier of the state-free residual step
     state_dtype: str = "fp32"  # fp32 | bf16
     seed: int = 0  # seeds random projectors and block choices

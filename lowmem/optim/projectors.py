@@ -12,6 +12,7 @@ only once for online PCA), `adapt` runs after every update (online PCA's step on
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -48,41 +49,71 @@ def _generator(key: RefreshKey, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(key.as_int() % (2 ** 63))
 
 
-def top_singular_basis(grad: torch.Tensor, rank: int, key: RefreshKey) -> torch.Tensor:
+def check_finite(grad: torch.Tensor, label: str) -> None:
+    """Refuse a non-finite gradient before it reaches an SVD (LAPACK would fail or return garbage)."""
+    if not bool(torch.isfinite(grad).all()):
+        raise FloatingPointError(f"non-finite (nan/inf) gradient in {label} (shape {'x'.join(map(str, grad.shape))}) "
+                                 f"at a projector refresh; lower the learning rate or enable gradient clipping")
+
+
+def top_singular_basis(grad: torch.Tensor, rank: int, key: RefreshKey, label: str = "a projected weight") -> torch.Tensor:
     """The top-`rank` singular vectors of the smaller side of `grad` (original orientation), fp32, b x r.
 
-    SVD of G as stored, as GaLore does, so singular-vector signs match it. When LAPACK fails to converge
-    (ill-conditioned or repeated singular values), retry in float64 on a slightly jittered copy, then fall
-    back to randomized SVD.
+    SVD of G as stored, as GaLore does, so singular-vector signs match it. The gradient must be finite
+    (FloatingPointError naming `label` otherwise). When LAPACK fails to converge (torch.linalg.LinAlgError
+    only: out-of-memory and other errors propagate), retry in float64 on a slightly jittered copy, then fall
+    back to randomized SVD; each fallback warns.
     """
     matrix = grad.float()
+    check_finite(matrix, label)
     try:
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+    except torch.linalg.LinAlgError as first:
+        warnings.warn(f"SVD of {label} (shape {'x'.join(map(str, matrix.shape))}) failed ({first}); "
+                      f"retrying in float64 on a jittered copy", RuntimeWarning, stacklevel=2)
         try:
             jitter = torch.randn(matrix.shape, generator=_generator(key, matrix.device), device=matrix.device)
             scale = 1e-7 * (matrix.norm() / math.sqrt(matrix.numel()) + 1e-30)
             u, _, vh = torch.linalg.svd((matrix + scale * jitter).double(), full_matrices=False)
-        except RuntimeError:
+        except torch.linalg.LinAlgError as second:
+            warnings.warn(f"float64 SVD of {label} failed too ({second}); using randomized SVD",
+                          RuntimeWarning, stacklevel=2)
             return randomized_singular_basis(matrix, rank, key)
     basis = vh[:rank].T if grad.shape[0] >= grad.shape[1] else u[:, :rank]
     return basis.float()
 
 
-def randomized_singular_basis(grad: torch.Tensor, rank: int, key: RefreshKey) -> torch.Tensor:
-    """Top-`rank` singular vectors of the smaller side by randomized SVD (Halko et al.), seeded by `key`."""
-    matrix = grad.float()
+def _range_basis(matrix: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """Orthonormal m x rank basis of the top left singular subspace of `matrix` (m x n), randomized
+    (Halko, Martinsson & Tropp): Gaussian sketch, power iterations with re-orthonormalisation, then an
+    eigendecomposition of the small q x q Gram matrix of Q^T A in float64 (no LAPACK SVD involved)."""
     q = min(rank + RSVD_OVERSAMPLE, *matrix.shape)
-    with torch.random.fork_rng(devices=[matrix.device] if matrix.device.type == "cuda" else []):
-        torch.manual_seed(key.as_int() % (2 ** 63))
-        u, _, v = torch.svd_lowrank(matrix, q=q, niter=RSVD_ITERATIONS)
-    return (v[:, :rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]).float()
+    sketch = torch.randn(matrix.shape[1], q, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis, _ = torch.linalg.qr(matrix @ sketch)
+    for _ in range(RSVD_ITERATIONS):
+        basis, _ = torch.linalg.qr(matrix.T @ basis)
+        basis, _ = torch.linalg.qr(matrix @ basis)
+    small = (basis.T @ matrix).double()
+    _, vectors = torch.linalg.eigh(small @ small.T)  # ascending eigenvalues
+    top = vectors.flip(-1)[:, :rank].to(matrix.dtype)
+    return basis @ top
+
+
+def randomized_singular_basis(grad: torch.Tensor, rank: int, key: RefreshKey) -> torch.Tensor:
+    """Top-`rank` singular vectors of the smaller side by randomized SVD, seeded by `key` through a local
+    generator on the matrix's device (the global RNG is neither read nor reseeded)."""
+    matrix = grad.float()
+    generator = _generator(key, matrix.device)
+    if grad.shape[0] >= grad.shape[1]:  # right singular vectors: the left ones of G^T
+        return _range_basis(matrix.T, rank, generator)
+    return _range_basis(matrix, rank, generator)
 
 
 class Projector:
     """A basis stored as a dense b x r matrix under state['basis']; subclasses say how it is chosen."""
 
     periodic = True  # refreshed every update_gap updates; False: chosen once, then adapted every update
+    shared_refresh = False  # True: refresh numbers come from the optimizer's shared update counter
 
     def __init__(self, state_dtype: str = "fp32", density: float = 1.0, seed: int = 0, num_matrices: int = 1,
                  update_gap: int = 200):
@@ -92,11 +123,12 @@ class Projector:
         self.num_matrices = num_matrices
         self.update_gap = update_gap
 
-    def refresh(self, state: dict, grad: torch.Tensor, rank: int, key: RefreshKey) -> None:
-        """Choose a new basis from the gradient `grad` (original orientation)."""
-        state["basis"] = fresh_copy(self.choose_basis(grad, rank, key), self.state_dtype)
+    def refresh(self, state: dict, grad: torch.Tensor, rank: int, key: RefreshKey,
+                label: str = "a projected weight") -> None:
+        """Choose a new basis from the gradient `grad` (original orientation); `label` names the weight in errors."""
+        state["basis"] = fresh_copy(self.choose_basis(grad, rank, key, label), self.state_dtype)
 
-    def choose_basis(self, grad: torch.Tensor, rank: int, key: RefreshKey) -> torch.Tensor:
+    def choose_basis(self, grad: torch.Tensor, rank: int, key: RefreshKey, label: str) -> torch.Tensor:
         raise NotImplementedError
 
     def basis(self, state: dict, rows: int, device: torch.device) -> torch.Tensor:
@@ -106,6 +138,14 @@ class Projector:
     def core_rank(self, state: dict, rank: int, shape: tuple[int, ...]) -> int:
         """Rows of the core this weight currently has (its Adam moments are core_rank x a)."""
         return rank
+
+    def is_empty(self, state: dict) -> bool:
+        """True when the subspace is empty (an inactive block): the whole gradient is residual."""
+        return False
+
+    def is_full(self, state: dict) -> bool:
+        """True when the subspace is the whole space (an active block): G - P P^T G = 0."""
+        return False
 
     def project(self, state: dict, grad_c: torch.Tensor) -> torch.Tensor:
         return self.basis(state, grad_c.shape[0], grad_c.device).T @ grad_c
@@ -124,14 +164,15 @@ class Projector:
 class SVDProjector(Projector):
     """GaLore: top-r singular vectors of the current gradient's smaller side, exact fp32 SVD."""
 
-    def choose_basis(self, grad, rank, key):
-        return top_singular_basis(grad, rank, key)
+    def choose_basis(self, grad, rank, key, label):
+        return top_singular_basis(grad, rank, key, label)
 
 
 class RandomizedSVDProjector(Projector):
     """As SVD, by `torch.svd_lowrank` (cheaper when r << b)."""
 
-    def choose_basis(self, grad, rank, key):
+    def choose_basis(self, grad, rank, key, label):
+        check_finite(grad, label)
         return randomized_singular_basis(grad, rank, key)
 
 
@@ -140,19 +181,28 @@ class SeededRandomProjector(Projector):
 
     Gaussian b x r orthonormalised by QR (signs fixed by diag R), so P P^T is a true projection and the
     residual policies see G - P P^T G (APOLLO draws an unnormalised randn/sqrt(r); FRUGAL's random basis
-    is orthogonal like ours). Costs one draw and one QR of b x r per update instead of b*r stored elements.
+    is orthogonal like ours). Costs one draw and one QR of b x r per update instead of b*r stored elements;
+    the last basis built is kept (not as state) so the projections of one update share a single draw.
     """
 
-    def refresh(self, state, grad, rank, key):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last: tuple[tuple, torch.Tensor] | None = None
+
+    def refresh(self, state, grad, rank, key, label="a projected weight"):
         state["seed"] = RefreshKey(key.seed, key.matrix, 0).as_int() % (2 ** 62)
         state["draws"] = state.get("draws", 0) + 1
         state["rank"] = rank
 
     def basis(self, state, rows, device):
+        cache_key = (state["seed"], state["draws"], state["rank"], rows, str(device))
+        if self._last is not None and self._last[0] == cache_key:
+            return self._last[1]
         generator = torch.Generator(device=device).manual_seed(state["seed"] + state["draws"])
         q, r = torch.linalg.qr(torch.randn(rows, state["rank"], generator=generator, device=device))
-        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
-        return q * signs
+        q.mul_(torch.where(torch.diagonal(r) < 0, -1.0, 1.0))
+        self._last = (cache_key, q)
+        return q
 
     def state_bytes(self, shape, rank, itemsize):
         return 0
@@ -177,7 +227,7 @@ class DCTProjector(Projector):
             self._dct[cache_key] = q.float().to(device)
         return self._dct[cache_key]
 
-    def refresh(self, state, grad, rank, key):
+    def refresh(self, state, grad, rank, key, label="a projected weight"):
         grad_c = canonical(grad).float()
         scores = (self.dct_basis(grad_c.shape[0], grad_c.device).T @ grad_c).abs().sum(dim=1)
         state["indices"] = torch.topk(scores, rank).indices.sort().values
@@ -193,7 +243,7 @@ class CoordinateProjector(Projector):
     """FRUGAL's coordinates: a random subset of r rows of Gc (r columns of the weight's smaller side).
     Projection is a gather, back-projection a scatter; only the indices are stored."""
 
-    def refresh(self, state, grad, rank, key):
+    def refresh(self, state, grad, rank, key, label="a projected weight"):
         order = torch.randperm(min(grad.shape), generator=_generator(key, torch.device("cpu")))
         state["indices"] = order[:rank].sort().values.to(grad.device)
 
@@ -213,11 +263,16 @@ class CoordinateProjector(Projector):
 
 class BlockProjector(Projector):
     """FRUGAL's blocks (its default): whole weights are active (full-rank Adam) or inactive (no moments,
-    all of the gradient is residual). At each refresh round(density * num_matrices) weights are drawn at
-    random; every weight draws the same permutation from (seed, refresh), so no coordination is needed.
-    The flag is a python bool in the weight's state."""
+    all of the gradient is residual, no Adam or projection work at all). At each refresh
+    round(density * num_matrices) weights are drawn at random; every weight draws the same permutation from
+    (seed, refresh), so no coordination is needed. `key.refresh` is the optimizer-level refresh number
+    (ProjectedAdam keys it on its shared update counter, so a weight that missed a gradient still draws the
+    same set as the others); num_matrices counts trainable projected weights only. The flag is a python
+    bool in the weight's state."""
 
-    def refresh(self, state, grad, rank, key):
+    shared_refresh = True  # refreshes follow the optimizer's update counter, not the weight's own count
+
+    def refresh(self, state, grad, rank, key, label="a projected weight"):
         generator = _generator(RefreshKey(key.seed, 0, key.refresh), torch.device("cpu"))
         chosen = torch.randperm(self.num_matrices, generator=generator)[: self.num_active]
         state["active"] = bool((chosen == key.matrix).any())
@@ -241,6 +296,12 @@ class BlockProjector(Projector):
             return core
         return torch.zeros(rows, core.shape[1], dtype=core.dtype, device=core.device)
 
+    def is_empty(self, state) -> bool:
+        return not state["active"]
+
+    def is_full(self, state) -> bool:
+        return state["active"]
+
     def state_bytes(self, shape, rank, itemsize):
         return 0
 
@@ -260,11 +321,11 @@ class OnlinePCAProjector(Projector):
 
     periodic = False
 
-    def choose_basis(self, grad, rank, key):
-        return top_singular_basis(grad, rank, key)
+    def choose_basis(self, grad, rank, key, label):
+        return top_singular_basis(grad, rank, key, label)
 
-    def refresh(self, state, grad, rank, key):
-        super().refresh(state, grad, rank, key)
+    def refresh(self, state, grad, rank, key, label="a projected weight"):
+        super().refresh(state, grad, rank, key, label)
         state["basis_exp_avg"] = torch.zeros_like(state["basis"])
         state["basis_exp_avg_sq"] = torch.zeros_like(state["basis"])
         state["basis_step"] = 0

@@ -1,7 +1,7 @@
 """Residual policies: what to do with the part of the gradient outside the projector's subspace.
 
 Each policy returns the extra term added to `scale * P D` (D = the core's Adam direction), already in
-canonical (b, a) layout, or None to drop the residual. All work in fp32.
+canonical (b, a) layout, or None to drop the residual. All work in fp32, on fresh tensors (in place).
 """
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from typing import Optional
 
 import torch
 
-from lowmem.optim.projectors import Projector
-
 FIRA_NORM_EPS = 1e-8  # added to ||R|| column norms and to the previous residual norm (as Fira codes it)
 FIRA_NORM_BYTES = 4  # the limiter's previous norm, one fp32 scalar tensor
 
 
 class ResidualPolicy:
+    """`__call__(state, grad_c, core_grad, direction, back, bias_correction)`: grad_c is the canonical
+    fp32 gradient (b x a, may alias the parameter's .grad: never modified), core_grad R = P^T Gc, direction D
+    the core's bias-corrected Adam direction, back = P R (b x a, computed only when `needs_back`), or None
+    when the subspace is empty (an inactive FRUGAL block: the whole gradient is residual and R, D are None),
+    bias_correction the factor sqrt(1-b2^t)/(1-b1^t) that D carries. Returns a fresh tensor or None."""
+
+    needs_back = True  # the optimizer computes back = P R only for policies that use it
+    vanishes_on_full = False  # True: the residual is zero when the subspace is the whole space (active block)
+
     def __init__(self, scale: float, fira_gamma: float = 1.01, fira_variant: str = "paper",
                  inactive_lr_scale: float = 1.0):
         self.scale = scale
@@ -23,8 +30,9 @@ class ResidualPolicy:
         self.fira_variant = fira_variant
         self.inactive_lr_scale = inactive_lr_scale
 
-    def __call__(self, state: dict, grad_c: torch.Tensor, core_grad: torch.Tensor, direction: torch.Tensor,
-                 projector: Projector) -> Optional[torch.Tensor]:
+    def __call__(self, state: dict, grad_c: torch.Tensor, core_grad: Optional[torch.Tensor],
+                 direction: Optional[torch.Tensor], back: Optional[torch.Tensor],
+                 bias_correction: float) -> Optional[torch.Tensor]:
         raise NotImplementedError
 
     def state_bytes(self) -> int:
@@ -34,31 +42,50 @@ class ResidualPolicy:
 class DropResidual(ResidualPolicy):
     """GaLore, OSD: the residual is discarded."""
 
-    def __call__(self, state, grad_c, core_grad, direction, projector):
+    needs_back = False
+    vanishes_on_full = True
+
+    def __call__(self, state, grad_c, core_grad, direction, back, bias_correction):
         return None
 
 
 class FiraResidual(ResidualPolicy):
-    """Fira: scale each column of the residual by phi = ||D_col|| / ||R_col|| (norms over the rank dimension,
-    D bias-corrected), then limit its Frobenius-norm growth to gamma per update (first update unlimited).
+    """Fira: scale each column of the residual by phi = ||N_col|| / (||R_col|| + 1e-8) (norms over the rank
+    dimension), then limit its Frobenius-norm growth to gamma per update: S <- S / (max(||S|| / (prev + 1e-8),
+    gamma) / gamma), prev being the previous update's limited norm. The first update is unlimited, and so is
+    any update whose previous norm is 0 (after an all-zero gradient), so one zero gradient cannot pin the
+    residual near 1e-8.
 
-    fira_variant 'paper' (default, Fira Alg. 1): S = (I - P P^T) G, update = scale * (P D + S_limited).
-    fira_variant 'code' (Fira's released code): S = G - scale * P R, update = scale * P D + S_limited.
+    Where Fira's paper and its released code differ we follow the paper by default (lowmem's rule);
+    `fira_variant: code` reproduces the released code, which is what produced Fira's published tables.
+
+    fira_variant 'paper' (default, Fira Alg. 1): N = D (bias-corrected), S = (I - P P^T) G, limiter on that
+        S, update = scale * (P D + S_limited).
+    fira_variant 'code' (optimizer_torch/fira_adamw.py): N = M / (sqrt(V) + eps) WITHOUT bias correction,
+        S = G - scale * P R (project_back multiplies by alpha), limiter compares and stores norms in those
+        uncorrected units, and the bias correction bc = sqrt(1-b2^t)/(1-b1^t) multiplies S only after
+        limiting: update = bc * (scale * P N + S_limited) = scale * P D + bc * S_limited. N is recovered as
+        D / bc, exact in the galore Adam convention (Fira's); with adam_convention torch it is approximate.
     """
 
-    def __call__(self, state, grad_c, core_grad, direction, projector):
-        rows = grad_c.shape[0]
-        back = projector.project_back(state, core_grad, rows)
-        residual = grad_c - (back if self.fira_variant == "paper" else self.scale * back)
-        phi = direction.norm(dim=0) / (core_grad.norm(dim=0) + FIRA_NORM_EPS)
-        residual = residual * phi
+    def __call__(self, state, grad_c, core_grad, direction, back, bias_correction):
+        if back is None:  # empty subspace: phi = ||D|| / ||R|| over zero rows = 0, so S = 0
+            return None
+        code = self.fira_variant == "code"
+        residual = torch.sub(grad_c, back, alpha=self.scale if code else 1.0)
+        phi = direction.norm(dim=0).div_(core_grad.norm(dim=0).add_(FIRA_NORM_EPS))
+        if code:
+            phi.div_(bias_correction)  # ||N|| = ||D|| / bc
+        residual.mul_(phi)
         norm = residual.norm()
-        if "fira_norm" in state:
-            limit = torch.clamp(norm / (state["fira_norm"] + FIRA_NORM_EPS), min=self.fira_gamma) / self.fira_gamma
-            residual = residual / limit
+        previous = state.get("fira_norm")
+        if previous is not None:
+            limit = torch.clamp(norm / (previous + FIRA_NORM_EPS), min=self.fira_gamma) / self.fira_gamma
+            limit = torch.where(previous > 0, limit, torch.ones_like(limit))  # previous 0: as a first update
+            residual.div_(limit)
             norm = norm / limit
         state["fira_norm"] = norm.detach().float().reshape(())
-        return self.scale * residual if self.fira_variant == "paper" else residual
+        return residual.mul_(bias_correction if code else self.scale)
 
     def state_bytes(self) -> int:
         return FIRA_NORM_BYTES
@@ -67,17 +94,21 @@ class FiraResidual(ResidualPolicy):
 class SignSGDResidual(ResidualPolicy):
     """FRUGAL: a state-free signSGD step on the residual, at scale * inactive_lr_scale."""
 
-    def __call__(self, state, grad_c, core_grad, direction, projector):
-        residual = grad_c - projector.project_back(state, core_grad, grad_c.shape[0])
-        return (self.scale * self.inactive_lr_scale) * torch.sign(residual)
+    vanishes_on_full = True
+
+    def __call__(self, state, grad_c, core_grad, direction, back, bias_correction):
+        residual = torch.sign(grad_c) if back is None else torch.sub(grad_c, back).sign_()
+        return residual.mul_(self.scale * self.inactive_lr_scale)
 
 
 class SGDResidual(ResidualPolicy):
     """FRUGAL's 'sgd' rule: a plain SGD step on the residual, at scale * inactive_lr_scale."""
 
-    def __call__(self, state, grad_c, core_grad, direction, projector):
-        residual = grad_c - projector.project_back(state, core_grad, grad_c.shape[0])
-        return (self.scale * self.inactive_lr_scale) * residual
+    vanishes_on_full = True
+
+    def __call__(self, state, grad_c, core_grad, direction, back, bias_correction):
+        factor = self.scale * self.inactive_lr_scale
+        return grad_c * factor if back is None else torch.sub(grad_c, back).mul_(factor)
 
 
 RESIDUALS: dict[str, type[ResidualPolicy]] = {
