@@ -228,32 +228,38 @@ def test_frugal_svd_rank_from_density_matches_reference():
     torch.testing.assert_close(ours[0], W, atol=1e-6, rtol=0)
 
 
+def reference_osd(w, grads, lrs, initial_lr, scale=0.25, eps=1e-6):
+    """OSD written out: P from SVD of the first gradient, then one AdamW step (lr (1/T) * lr_t / initial_lr,
+    wd 0.01, autograd on the online-PCA loss) per later update, used from the next update; Adam core with
+    moments kept; the weight step at lr_t."""
+    W, M, V, P, p_opt = w.clone(), 0.0, 0.0, None, None
+    for t, G in enumerate(grads):
+        if P is None:
+            P = torch.nn.Parameter(svd_basis(G, RANK).clone())
+            p_opt = torch.optim.AdamW([P], lr=1 / GAP, weight_decay=0.01)
+        else:
+            X = G / G.norm()
+            with torch.enable_grad():
+                proj = X @ P.T @ P if G.shape[0] >= G.shape[1] else P @ P.T @ X
+                ((proj - X) ** 2).sum().backward()
+        R = down(P.detach(), G)
+        M, V, k = B1 * M + (1 - B1) * R, B2 * V + (1 - B2) * R * R, t + 1
+        N = M / (V.sqrt() + eps) * math.sqrt(1 - B2 ** k) / (1 - B1 ** k)
+        W = W - lrs[t] * scale * up(P.detach(), N, G.shape)
+        for group in p_opt.param_groups:
+            group["lr"] = (1 / GAP) * lrs[t] / initial_lr
+        p_opt.step()
+        p_opt.zero_grad()
+    return W
+
+
 def test_osd_matches_reference():
-    """OSD: P from SVD of the first gradient, then one AdamW step (lr 1/T, wd 0.01, autograd on the
-    online-PCA loss) per later update, used from the next update; Adam core with moments kept."""
     weights, grads = fixed_problem()
-    lr, scale, eps = 0.01, 0.25, 1e-6
+    lr = 0.01
     ours, _ = run_ours(OSDOptions(rank=RANK, update_gap=GAP, lr=lr), weights, grads)
     for i, w in enumerate(weights):
-        W, M, V = w.clone(), 0.0, 0.0
-        P = p_opt = None
-        for t, step in enumerate(grads):
-            G = step[i]
-            if P is None:
-                P = torch.nn.Parameter(svd_basis(G, RANK).clone())
-                p_opt = torch.optim.AdamW([P], lr=1 / GAP, weight_decay=0.01)
-            else:
-                X = G / G.norm()
-                with torch.enable_grad():
-                    proj = X @ P.T @ P if G.shape[0] >= G.shape[1] else P @ P.T @ X
-                    ((proj - X) ** 2).sum().backward()
-            R = down(P.detach(), G)
-            M, V, k = B1 * M + (1 - B1) * R, B2 * V + (1 - B2) * R * R, t + 1
-            N = M / (V.sqrt() + eps) * math.sqrt(1 - B2 ** k) / (1 - B1 ** k)
-            W = W - lr * scale * up(P.detach(), N, G.shape)
-            p_opt.step()
-            p_opt.zero_grad()
-        torch.testing.assert_close(ours[i], W, atol=1e-6, rtol=0)
+        expected = reference_osd(w, [step[i] for step in grads], [lr] * len(grads), lr)
+        torch.testing.assert_close(ours[i], expected, atol=1e-6, rtol=0)
 
 
 def test_dense_groups_get_adamw_math():
@@ -577,26 +583,8 @@ def test_osd_follows_the_lr_schedule_factor():
             p.grad = g.clone()
         opt.step()
     for i, w in enumerate(weights):
-        W, M, V, P, p_opt = w.clone(), 0.0, 0.0, None, None
-        for t, step in enumerate(grads):
-            G = step[i]
-            if P is None:
-                P = torch.nn.Parameter(svd_basis(G, RANK).clone())
-                p_opt = torch.optim.AdamW([P], lr=1 / GAP, weight_decay=0.01)
-            else:
-                X = G / G.norm()
-                with torch.enable_grad():
-                    proj = X @ P.T @ P if G.shape[0] >= G.shape[1] else P @ P.T @ X
-                    ((proj - X) ** 2).sum().backward()
-            R = down(P.detach(), G)
-            M, V, k = B1 * M + (1 - B1) * R, B2 * V + (1 - B2) * R * R, t + 1
-            N = M / (V.sqrt() + 1e-6) * math.sqrt(1 - B2 ** k) / (1 - B1 ** k)
-            W = W - lrs[t] * 0.25 * up(P.detach(), N, G.shape)
-            for pg in p_opt.param_groups:
-                pg["lr"] = (1 / GAP) * lrs[t] / 0.01
-            p_opt.step()
-            p_opt.zero_grad()
-        torch.testing.assert_close(params[i].detach(), W, atol=1e-6, rtol=0)
+        expected = reference_osd(w, [step[i] for step in grads], lrs, initial_lr=0.01)
+        torch.testing.assert_close(params[i].detach(), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("options", [GaloreOptions(rank=RANK, update_gap=GAP), FiraOptions(rank=RANK, update_gap=GAP),
