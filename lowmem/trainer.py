@@ -83,9 +83,10 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.device = pick_device(cfg.train.device)
         self.resume_from = self._find_resume_checkpoint()
-        self.resume_state = ckpt.load_state(self.resume_from) if self.resume_from else None
-        if self.resume_state is not None:
-            check_resume_config(self.resume_state["config"], cfg.to_dict(), self.resume_from)
+        # Held only until restored below: it holds a full copy of the optimizer state.
+        resume_state = ckpt.load_state(self.resume_from) if self.resume_from else None
+        if resume_state is not None:
+            check_resume_config(resume_state["config"], cfg.to_dict(), self.resume_from)
         torch.manual_seed(cfg.run.seed)
 
         self._check_against_model()
@@ -106,7 +107,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         if self.resume_from is not None:
-            self._restore(self.resume_from, self.resume_state)
+            self._restore(self.resume_from, resume_state)
+            del resume_state
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
