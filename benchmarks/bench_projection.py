@@ -17,7 +17,7 @@ import torch
 
 from lowmem.optim import optimizer_state_bytes
 from lowmem.optim.presets import FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
-from lowmem.optim.projected import ProjectedAdam
+from lowmem.optim.pipeline import PipelineOptimizer
 
 GAP = 200
 HIDDEN, INTERMEDIATE, VOCAB = 512, 1376, 32000
@@ -44,8 +44,8 @@ def time_steps(opt: torch.optim.Optimizer, repeats: int) -> float:
 
 def ours(options_cls, **overrides):
     def build(projected, dense, gap):
-        return ProjectedAdam([{"params": projected, "projected": True}, {"params": dense}],
-                             options_cls(update_gap=gap, **overrides))
+        return PipelineOptimizer([{"params": projected, "projected": True}, {"params": dense}],
+                             options_cls(update_gap=gap, **{"rank": 128, **overrides}))
     return build
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     for name, build in CASES.items():
         opt = build(projected, dense, GAP)
         ordinary = time_steps(opt, args.repeats)
-        state = optimizer_state_bytes(opt) if isinstance(opt, ProjectedAdam) else None
+        state = optimizer_state_bytes(opt) if isinstance(opt, PipelineOptimizer) else None
         del opt
         opt = build(projected, dense, 1)
         refresh = time_steps(opt, args.repeats)

@@ -1,9 +1,13 @@
 """Memory accounting by counting tensor bytes (never process RSS), and CUDA peak allocation on GPU."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lowmem.optim.registry import optimizer_state_bytes
+
+TORCH_ADAMW_STEP_BYTES = 4  # torch AdamW's fp32 `step` tensor per parameter
 
 
 def tensor_bytes(tensors) -> int:
@@ -39,3 +43,52 @@ def format_memory_table(report: dict[str, int]) -> str:
     rows = [(key.removesuffix("_bytes").replace("_", " "), format_bytes(value)) for key, value in report.items()]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value:>12}" for name, value in rows)
+
+
+def adamw_state_bytes(model: torch.nn.Module) -> int:
+    """What torch AdamW would hold for this model: two moments in each trainable weight's dtype and a step."""
+    return sum(2 * p.numel() * p.element_size() + TORCH_ADAMW_STEP_BYTES
+               for p in model.parameters() if p.requires_grad)
+
+
+def _predicted_with(model: torch.nn.Module, options) -> int:
+    """The state an optimizer built from `options` would hold after its first update, on meta copies of the
+    weights (nothing is allocated)."""
+    from lowmem.optim.groups import param_groups
+    from lowmem.optim.registry import OPTIMIZERS
+
+    groups = [{**g, "params": [torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
+                               for p in g["params"]]} for g in param_groups(model, options)]
+    return OPTIMIZERS[options.name].build(groups, options).predicted_state_bytes()
+
+
+def saving_rank(model: torch.nn.Module, options) -> int | None:
+    """The largest rank (halving from the smallest projected side) at which `options` holds less state than
+    AdamW, or None when the optimizer has no rank to lower."""
+    from lowmem.optim.groups import param_groups, projected_shapes
+
+    if not getattr(options, "projects", False) or options.projector == "blocks":
+        return None
+    sides = [min(shape) for shape in projected_shapes(param_groups(model, options)).values()]
+    budget = adamw_state_bytes(model)
+    rank = min(sides) // 2
+    while rank >= 1:
+        if _predicted_with(model, dataclasses.replace(options, rank=rank)) < budget:
+            return rank
+        rank //= 2
+    return None
+
+
+def state_versus_adamw(model: torch.nn.Module, optimizer: torch.optim.Optimizer, options) -> tuple[str, bool]:
+    """A one-line statement of the optimizer's predicted state against AdamW's, and whether it saves nothing
+    (then the line says which rank would)."""
+    predicted = int(optimizer.predicted_state_bytes())
+    adamw = adamw_state_bytes(model)
+    line = (f"optimizer state: {options.name} {format_bytes(predicted)} = {predicted / adamw:.2f}x AdamW's "
+            f"{format_bytes(adamw)} (predicted by formula for every weight after its first update)")
+    if options.name == "adamw" or predicted < adamw:
+        return line, False
+    rank = saving_rank(model, options)
+    advice = (f"; optimizer.rank={rank} (or the default optimizer.rank=null with density 0.25) would hold less"
+              if rank else "")
+    return line + f": it saves no memory over AdamW{advice}", True

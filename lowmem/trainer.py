@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from lowmem import checkpoint as ckpt
 from lowmem.config import Config, ConfigError
 from lowmem.data import build_train_batches, eval_batches
-from lowmem.memory import format_memory_table, memory_report
+from lowmem.memory import format_memory_table, memory_report, state_versus_adamw
 from lowmem.metrics import MetricsLog
 from lowmem.model import build_meta_model, build_model, count_parameters
 from lowmem.optim import build_optimizer
@@ -238,6 +239,8 @@ class Trainer:
         counts = count_parameters(self.model)
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
               f"non-embedding), optimizer: {cfg.optimizer.name}, {self.total_steps} updates, device {self.device}")
+        state_line, saves_nothing = state_versus_adamw(self.model, self.optimizer, cfg.optimizer)
+        print(("warning: " if saves_nothing else "") + state_line, file=sys.stderr if saves_nothing else sys.stdout)
         if self.step >= end:
             print(f"already at step {self.step} of {self.total_steps}: nothing to train, evaluating")
             return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}

@@ -7,7 +7,7 @@ import torch
 galore_torch = pytest.importorskip("galore_torch")
 
 from lowmem.optim.presets import GaloreOptions  # noqa: E402
-from lowmem.optim.projected import ProjectedAdam  # noqa: E402
+from lowmem.optim.pipeline import PipelineOptimizer as ProjectedAdam  # noqa: E402
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

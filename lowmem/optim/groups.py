@@ -1,8 +1,11 @@
 """Split a model's parameters into optimizer groups by module-name patterns."""
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
+from lowmem.config import ConfigError
 from lowmem.optim.registry import OptimizerOptions
 
 
@@ -49,7 +52,23 @@ def projected_shapes(groups: list[dict]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for g in groups if g["projected"] for name, p in zip(g["names"], g["params"])}
 
 
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules holding a 2-D weight matrix (linears; embeddings excluded), with layer numbers
+    folded into N so that each kind of module is listed once."""
+    names = [re.sub(r"\.\d+\.", ".N.", name) for name, module in model.named_modules()
+             if not isinstance(module, nn.Embedding) and getattr(module, "weight", None) is not None
+             and module.weight.ndim == 2]
+    return list(dict.fromkeys(names))
+
+
 def check_options_against_model(model: nn.Module, options: OptimizerOptions) -> None:
-    """Raise ConfigError if an option is impossible for this model's weights (e.g. rank > a matrix side).
+    """Raise ConfigError if an option is impossible for this model's weights (e.g. rank > a matrix side), or
+    if a projecting optimizer's target_modules match no weight (it would silently hold AdamW's state).
     Works on a meta-device model, so it runs before any weight is allocated."""
-    options.validate_for_model(projected_shapes(param_groups(model, options)))
+    shapes = projected_shapes(param_groups(model, options))
+    if getattr(options, "projects", False) and not shapes:
+        shown = ", ".join(linear_module_names(model))
+        raise ConfigError(f"optimizer.target_modules: {options.target_modules} match no weight matrix of the "
+                          f"model, so '{options.name}' would project nothing and hold AdamW's state; its linear "
+                          f"modules are: {shown}")
+    options.validate_for_model(shapes)

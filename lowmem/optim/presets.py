@@ -1,11 +1,18 @@
-"""The projection presets, registered by name. Defaults are each paper's; YAML may override any part.
+"""The pipeline presets, registered by name. Defaults are each paper's; YAML may override any part.
 
-    galore: svd + Adam (GaLore convention) + drop        rank 128, update_gap 200, scale 0.25, eps 1e-6, keep
-    fira:   galore + Fira's scaled, norm-limited residual (gamma 1.01, paper variant by default;
-            fira_variant: code reproduces Fira's released code and its published tables)
-    frugal: blocks (density 0.25) + AdamW (torch convention) + signSGD residual, reset, eps 1e-8, lr 1e-3;
-            with projector svd/random/coordinates the rank is round(density * smaller side) unless set
-    osd:    online PCA (P by AdamW, lr 1/update_gap x the schedule factor) + Adam + drop, keep
+    galore:    svd + Adam (GaLore convention) + drop     rank round(density 0.25 x smaller side), update_gap
+               200, scale 0.25, eps 1e-6, moments kept
+    fira:      galore + Fira's scaled, norm-limited residual (gamma 1.01), as Fira's released code computes it
+               (fira_variant: code, what produced its tables; fira_variant: paper follows its Alg. 1)
+    frugal:    blocks (density 0.25) + AdamW (torch convention) + signSGD residual, every block's state reset at
+               each refresh, eps 1e-8, lr 1e-3; with projector svd/random/coordinates the rank is
+               round(density * smaller side) unless set
+    osd:       online PCA (P by AdamW, lr 1/update_gap x the schedule factor) + Adam + drop, moments kept
+    adamw8bit: no projection + AdamW (torch convention) with int8 moments (blocks of 256, dynamic map)
+    adamw4bit: no projection + AdamW with int4 moments (blocks of 128, zero-free map for the second moment)
+    adafactor: no projection + Adafactor as its paper sets it: relative step min(1e-2, 1/sqrt(t)), parameter
+               scaling, no first moment, update clipping 1, beta2_t = 1 - t^-0.8 (optimizer.lr unset)
+    microadam: no projection + MicroAdam: window of 10 top-1% sparse gradients, 4-bit error feedback
 """
 from __future__ import annotations
 
@@ -14,39 +21,38 @@ from typing import Optional
 
 import torch
 
-from lowmem.optim.projected import ProjectedAdam
-from lowmem.optim.projection_options import ProjectionOptions
+from lowmem.optim.pipeline import PipelineOptimizer
+from lowmem.optim.pipeline_options import NO_PROJECTOR, PipelineOptions
 from lowmem.optim.registry import register_optimizer
 
 
 @dataclass
-class GaloreOptions(ProjectionOptions):
+class GaloreOptions(PipelineOptions):
     name: str = "galore"
 
 
 @dataclass
-class FiraOptions(ProjectionOptions):
+class FiraOptions(PipelineOptions):
     """Fira: GaLore plus the scaled, norm-limited residual (lowmem.optim.residuals.FiraResidual).
 
-    Where Fira's paper and its released code differ, the default `fira_variant: paper` follows the paper
-    (Alg. 1: residual (I - P P^T) G, bias-corrected N in phi and in the limiter, alpha on P N + S).
-    To reproduce Fira's published tables use `fira_variant: code`, which follows the released code:
-    residual G - alpha P R, phi and the limiter on the un-bias-corrected N = M / (sqrt(V) + eps), and the
-    bias correction applied to S after limiting, no alpha on S.
+    The default `fira_variant: code` is Fira's released code, which produced its published tables and for
+    which its lr 0.01 and scale 0.25 were tuned: residual G - alpha P R, phi and the limiter on the
+    un-bias-corrected N = M / (sqrt(V) + eps), the bias correction applied to S after limiting, no alpha on
+    S. `fira_variant: paper` follows the paper's Alg. 1 (residual (I - P P^T) G, bias-corrected N, alpha on
+    P N + S): with scale 0.25 its out-of-subspace step is 4x smaller.
     """
 
     name: str = "fira"
     residual: str = "fira"
+    fira_variant: str = "code"
 
 
 @dataclass
-class FrugalOptions(ProjectionOptions):
+class FrugalOptions(PipelineOptions):
     name: str = "frugal"
-    lr: float = 1e-3
+    lr: Optional[float] = 1e-3
     eps: float = 1e-8
     projector: str = "blocks"
-    rank: Optional[int] = None
-    density: Optional[float] = 0.25
     scale: float = 1.0  # FRUGAL's proj_params_lr_scale
     moments_on_refresh: str = "reset"
     adam_convention: str = "torch"
@@ -54,15 +60,54 @@ class FrugalOptions(ProjectionOptions):
 
 
 @dataclass
-class OSDOptions(ProjectionOptions):
+class OSDOptions(PipelineOptions):
     name: str = "osd"
     projector: str = "online_pca"
 
 
-def _build(groups: list[dict], options: ProjectionOptions) -> torch.optim.Optimizer:
-    return ProjectedAdam(groups, options)
+@dataclass
+class DenseOptions(PipelineOptions):
+    """Every weight on the dense path (no projector), torch's AdamW conventions."""
+
+    lr: Optional[float] = 1e-3
+    eps: float = 1e-8
+    projector: str = NO_PROJECTOR
+    scale: float = 1.0
+    adam_convention: str = "torch"
 
 
-for _name, _options in (("galore", GaloreOptions), ("fira", FiraOptions), ("frugal", FrugalOptions),
-                        ("osd", OSDOptions)):
-    register_optimizer(_name, _options)(_build)
+@dataclass
+class AdamW8bitOptions(DenseOptions):
+    name: str = "adamw8bit"
+    state_dtype: str = "int8"
+
+
+@dataclass
+class AdamW4bitOptions(DenseOptions):
+    name: str = "adamw4bit"
+    state_dtype: str = "int4"
+
+
+@dataclass
+class AdafactorOptions(DenseOptions):
+    name: str = "adafactor"
+    lr: Optional[float] = None
+    core: str = "adafactor"
+    betas: tuple[float, float] = (0.0, 0.999)  # beta1 0: no first moment (beta2 follows 1 - t^decay_rate)
+    relative_step: bool = True
+    scale_parameter: bool = True
+
+
+@dataclass
+class MicroAdamOptions(DenseOptions):
+    name: str = "microadam"
+    core: str = "microadam"
+
+
+def build_pipeline(groups: list[dict], options: PipelineOptions) -> torch.optim.Optimizer:
+    return PipelineOptimizer(groups, options)
+
+
+for _options in (GaloreOptions, FiraOptions, FrugalOptions, OSDOptions, AdamW8bitOptions, AdamW4bitOptions,
+                 AdafactorOptions, MicroAdamOptions):
+    register_optimizer(_options.name, _options)(build_pipeline)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from lowmem.optim.adam_core import STATE_DTYPES, adam_direction, fresh_copy
+from lowmem.optim.cores import adam_math, fresh_copy
 
 INDEX_BYTES = 8  # int64 indices
 RSVD_OVERSAMPLE = 8  # extra columns randomized SVD samples beyond the rank
@@ -25,11 +25,14 @@ RSVD_ITERATIONS = 2  # power iterations of randomized SVD
 
 
 class RefreshKey(NamedTuple):
-    """Which weight (its position among projected weights) and which refresh: seeds every random draw."""
+    """Which weight and which refresh: seeds every random draw. `matrix` is the weight's identity (a hash of
+    its parameter name when the optimizer knows names, so regrouping or resharding changes no draw),
+    `position` its place among the projected weights in model order (FRUGAL's block order)."""
 
     seed: int
     matrix: int
     refresh: int
+    position: int = 0
 
     def as_int(self) -> int:
         return (self.seed * 1_000_003 + self.matrix) * 1_000_003 + self.refresh
@@ -114,11 +117,13 @@ class Projector:
 
     periodic = True  # refreshed every update_gap updates; False: chosen once, then adapted every update
     shared_refresh = False  # True: refresh numbers come from the optimizer's shared update counter
+    resets_state = False  # True: every refresh clears the core state, whatever moments_on_refresh says
 
-    def __init__(self, state_dtype: str = "fp32", density: float = 1.0, seed: int = 0, num_matrices: int = 1,
-                 update_gap: int = 200):
-        self.state_dtype = STATE_DTYPES[state_dtype]
+    def __init__(self, basis_dtype: torch.dtype = torch.float32, density: float = 1.0, seed: int = 0,
+                 num_matrices: int = 1, update_gap: int = 200, block_order: str = "random"):
+        self.basis_dtype = basis_dtype
         self.density = density
+        self.block_order = block_order
         self.seed = seed
         self.num_matrices = num_matrices
         self.update_gap = update_gap
@@ -126,7 +131,7 @@ class Projector:
     def refresh(self, state: dict, grad: torch.Tensor, rank: int, key: RefreshKey,
                 label: str = "a projected weight") -> None:
         """Choose a new basis from the gradient `grad` (original orientation); `label` names the weight in errors."""
-        state["basis"] = fresh_copy(self.choose_basis(grad, rank, key, label), self.state_dtype)
+        state["basis"] = fresh_copy(self.choose_basis(grad, rank, key, label), self.basis_dtype)
 
     def choose_basis(self, grad: torch.Tensor, rank: int, key: RefreshKey, label: str) -> torch.Tensor:
         raise NotImplementedError
@@ -261,21 +266,43 @@ class CoordinateProjector(Projector):
         return rank * INDEX_BYTES
 
 
+def block_window(order: str, refresh: int, num_matrices: int, num_active: int,
+                 generator: torch.Generator) -> list[int]:
+    """Positions (in model order) of the weights active after refresh number `refresh`.
+
+    random: a fresh draw of num_active weights each refresh. ascending / descending: consecutive windows of
+    num_active weights, cycling through the model front to back / back to front. mirror: windows over a
+    back-and-forth sweep 0, 1, ..., N-1, N-2, ..., 1 (a window that crosses a turn holds fewer distinct
+    weights). The cyclic orders follow BAdam's block switching, on which FRUGAL's block optimizer builds."""
+    if order == "random":
+        return torch.randperm(num_matrices, generator=generator)[:num_active].tolist()
+    forward = list(range(num_matrices))
+    sweep = {"ascending": forward, "descending": forward[::-1],
+             "mirror": forward + forward[-2:0:-1]}[order]
+    start = refresh * num_active
+    return sorted({sweep[(start + i) % len(sweep)] for i in range(num_active)})
+
+
+BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
+
+
 class BlockProjector(Projector):
     """FRUGAL's blocks (its default): whole weights are active (full-rank Adam) or inactive (no moments,
-    all of the gradient is residual, no Adam or projection work at all). At each refresh
-    round(density * num_matrices) weights are drawn at random; every weight draws the same permutation from
-    (seed, refresh), so no coordination is needed. `key.refresh` is the optimizer-level refresh number
-    (ProjectedAdam keys it on its shared update counter, so a weight that missed a gradient still draws the
-    same set as the others); num_matrices counts trainable projected weights only. The flag is a python
-    bool in the weight's state."""
+    all of the gradient is residual, no Adam or projection work at all). At each refresh round(density *
+    num_matrices) weights are made active in `block_order` (block_window); every weight computes the same
+    set from (seed, refresh), so no coordination is needed. `key.refresh` is the optimizer-level refresh
+    number (the pipeline keys it on its shared update counter, so a weight that missed a gradient still
+    draws the same set as the others); num_matrices counts trainable projected weights only. The flag is a
+    python bool in the weight's state. Every refresh clears every weight's core state (FRUGAL's
+    reset_statistics), whatever moments_on_refresh says (`resets_state`)."""
 
     shared_refresh = True  # refreshes follow the optimizer's update counter, not the weight's own count
+    resets_state = True
 
     def refresh(self, state, grad, rank, key, label="a projected weight"):
         generator = _generator(RefreshKey(key.seed, 0, key.refresh), torch.device("cpu"))
-        chosen = torch.randperm(self.num_matrices, generator=generator)[: self.num_active]
-        state["active"] = bool((chosen == key.matrix).any())
+        active = block_window(self.block_order, key.refresh, self.num_matrices, self.num_active, generator)
+        state["active"] = key.position in active
 
     @property
     def num_active(self) -> int:
@@ -340,12 +367,14 @@ class OnlinePCAProjector(Projector):
         # d/dP ||E||^2 = 2 (E X^T P + X E^T P)
         grad_p = 2.0 * (residual @ (x.T @ p) + x @ (residual.T @ p))
         state["basis_step"] += 1
-        direction = adam_direction(grad_p, state["basis_exp_avg"], state["basis_exp_avg_sq"], state["basis_step"],
-                                   OSD_BETAS[0], OSD_BETAS[1], OSD_EPS, eps_scaled=True)
+        exp_avg, exp_avg_sq = state["basis_exp_avg"].float(), state["basis_exp_avg_sq"].float()
+        direction = adam_math(grad_p, exp_avg, exp_avg_sq, state["basis_step"], OSD_BETAS[0], OSD_BETAS[1], OSD_EPS,
+                              eps_scaled=True)
         lr = lr_factor / self.update_gap
         p.mul_(1.0 - lr * OSD_WEIGHT_DECAY).add_(direction, alpha=-lr)
-        if p is not state["basis"]:
-            state["basis"].copy_(p)
+        for key, value in (("basis", p), ("basis_exp_avg", exp_avg), ("basis_exp_avg_sq", exp_avg_sq)):
+            if value is not state[key]:  # bf16 storage: the math above ran on fp32 copies
+                state[key].copy_(value)
 
     def state_bytes(self, shape, rank, itemsize):
         return 3 * small_side(shape)[0] * rank * itemsize

@@ -34,7 +34,7 @@ class OptimizerOptions:
 
     def validate(self) -> None:
         """Check values that do not depend on the model. Raise ConfigError naming the key."""
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:  # None: the optimizer sets its own step size
             raise ConfigError(f"optimizer.lr: must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"optimizer.weight_decay: must be >= 0, got {self.weight_decay}")
@@ -87,11 +87,10 @@ def parse_optimizer_options(tree: dict) -> OptimizerOptions:
 
 def build_optimizer(model: nn.Module, options: OptimizerOptions) -> torch.optim.Optimizer:
     """Group the model's trainable parameters and build the optimizer `options.name` names."""
-    from lowmem.optim.groups import param_groups, projected_shapes
+    from lowmem.optim.groups import check_options_against_model, param_groups
 
-    groups = param_groups(model, options)
-    options.validate_for_model(projected_shapes(groups))
-    return OPTIMIZERS[options.name].build(groups, options)
+    check_options_against_model(model, options)
+    return OPTIMIZERS[options.name].build(param_groups(model, options), options)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -38,6 +38,9 @@ class ResidualPolicy:
     def state_bytes(self) -> int:
         return 0
 
+    def reset(self, state: dict) -> None:
+        """Forget the policy's state (a FRUGAL refresh clears every weight's state)."""
+
 
 class DropResidual(ResidualPolicy):
     """GaLore, OSD: the residual is discarded."""
@@ -89,6 +92,9 @@ class FiraResidual(ResidualPolicy):
 
     def state_bytes(self) -> int:
         return FIRA_NORM_BYTES
+
+    def reset(self, state):
+        state.pop("fira_norm", None)
 
 
 class SignSGDResidual(ResidualPolicy):

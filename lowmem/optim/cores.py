@@ -1,0 +1,238 @@
+"""Core updates: the rule that turns a (projected or dense) gradient into a direction, with its state.
+
+A core keeps its moments through a `Storage` (fp32, bf16, int8, int4; lowmem.optim.storage), so every core
+runs with every state_dtype and every projector. The registry `CORES` holds
+
+    adam       Adam moments, GaLore's or torch's eps/weight-decay convention
+    adafactor  factored second moment (lowmem.optim.adafactor)
+    microadam  a window of compressed sparse gradients (lowmem.optim.microadam)
+
+The math of each core lives in one plain fp32 function (e.g. `adam_math`) that a fused kernel can
+replace; the core only reads and writes its stored state around it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lowmem.optim.storage import Storage, StoragePolicy
+
+FIRST, SECOND = "exp_avg", "exp_avg_sq"
+
+
+def fresh_copy(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A copy with its own, exactly-sized storage (a slice of a larger SVD output must not pin it)."""
+    out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=tensor.device)
+    return out.copy_(tensor)
+
+
+def bias_correction(step: int, beta1: float, beta2: float) -> float:
+    """sqrt(1 - b2^t) / (1 - b1^t): the factor between GaLore's bias-corrected and uncorrected directions."""
+    return math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+
+
+def adam_math(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+              beta1: float, beta2: float, eps: float, eps_scaled: bool) -> torch.Tensor:
+    """Update fp32 moments in place with `grad` and return the bias-corrected Adam direction as a fresh fp32
+    tensor the caller may modify. All of the element-wise Adam math lives here.
+
+    eps_scaled=False is GaLore's convention, sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps);
+    eps_scaled=True is torch's, (m / (1-b1^t)) / (sqrt(v) / sqrt(1-b2^t) + eps).
+    """
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    bias1 = 1.0 - beta1 ** step
+    bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    # one temporary: the denominator, overwritten by the direction (same values as m / denom)
+    if eps_scaled:
+        denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(eps)
+        return torch.div(exp_avg, denom, out=denom).div_(bias1)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    return torch.div(exp_avg, denom, out=denom).mul_(bias2_sqrt / bias1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight-decay conventions: where the decay goes relative to the update.
+
+
+def _decay_after(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:
+    """GaLore / HF AdamW: step first, then decay the already-updated weight (decay = lr * weight_decay)."""
+    param.add_(update, alpha=-lr)
+    if decay > 0:
+        param.mul_(1.0 - decay)
+
+
+def _decay_before(param: torch.Tensor, update: torch.Tensor, lr: float, decay: float) -> None:
+    """torch AdamW / FRUGAL / Adafactor: decay the weight, then step."""
+    if decay > 0:
+        param.mul_(1.0 - decay)
+    param.add_(update, alpha=-lr)
+
+
+@dataclass(frozen=True)
+class AdamConvention:
+    """Where eps sits (bias-scaled or not) and where weight decay is applied."""
+
+    eps_scaled: bool
+    apply_update: Callable[[torch.Tensor, torch.Tensor, float, float], None]
+
+
+ADAM_CONVENTIONS: dict[str, AdamConvention] = {
+    "galore": AdamConvention(eps_scaled=False, apply_update=_decay_after),
+    "torch": AdamConvention(eps_scaled=True, apply_update=_decay_before),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cores
+
+
+@dataclass
+class CoreStep:
+    direction: torch.Tensor  # fresh fp32 tensor, the core gradient's shape
+    bias_correction: float = 1.0  # the factor sqrt(1-b2^t)/(1-b1^t) the direction carries (Fira's code variant)
+    decay_scale: float = 1.0  # multiplies lr * weight_decay (Adafactor's relative and parameter scale)
+
+
+class CoreContext:
+    """What a core may need beyond its gradient: the full weight (Adafactor's parameter scale) and a label."""
+
+    def __init__(self, weight: torch.Tensor, label: str = "a weight"):
+        self.weight = weight
+        self.label = label
+
+
+class Core:
+    """A core update with its state kept through `policy` (one storage per moment size)."""
+
+    name = "core"
+    supports_rotation = False  # moments_on_refresh: rotate needs moments expressed in a basis
+    moment_keys: tuple[str, ...] = ()  # every state key the core owns (reset drops them)
+    counter_keys: tuple[str, ...] = ()
+
+    def __init__(self, options, policy: StoragePolicy):
+        self.options = options
+        self.policy = policy
+
+    def step(self, grad: torch.Tensor, state: dict, group: dict, ctx: CoreContext) -> CoreStep:
+        raise NotImplementedError
+
+    def reset(self, state: dict) -> None:
+        """Forget the moments (moments_on_refresh: reset, a FRUGAL refresh, an inactive block)."""
+        for key in self.moment_keys:
+            self.policy.storage.drop(state, key)
+        for key in self.counter_keys:
+            state.pop(key, None)
+
+    def rotate(self, state: dict, rotation: torch.Tensor, shape: torch.Size) -> None:
+        raise NotImplementedError(f"the {self.name} core cannot rotate its state into a new basis")
+
+    def state_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of this core's state for a core gradient of `shape`."""
+        raise NotImplementedError
+
+
+class AdamCore(Core):
+    """Adam: first and second moments in the storage, bias correction from the core's own update count
+    (`adam_step`, restarted when the moments are reset)."""
+
+    name = "adam"
+    supports_rotation = True
+    moment_keys = (FIRST, SECOND)
+    counter_keys = ("adam_step",)
+
+    def __init__(self, options, policy):
+        super().__init__(options, policy)
+        self.convention = ADAM_CONVENTIONS[options.adam_convention]
+
+    def _storage(self, shape) -> Storage:
+        return self.policy.for_shape(tuple(shape))
+
+    def step(self, grad, state, group, ctx):
+        storage = self._storage(grad.shape)
+        if not storage.holds(state, FIRST, grad.shape):
+            storage.zeros(state, FIRST, grad.shape, grad.device, "signed")
+            storage.zeros(state, SECOND, grad.shape, grad.device, "unsigned")
+            state["adam_step"] = 0
+        state["adam_step"] += 1
+        beta1, beta2 = group["betas"]
+        exp_avg = storage.read(state, FIRST, grad.shape, "signed")
+        exp_avg_sq = storage.read(state, SECOND, grad.shape, "unsigned")
+        direction = adam_math(grad, exp_avg, exp_avg_sq, state["adam_step"], beta1, beta2, group["eps"],
+                              self.convention.eps_scaled)
+        storage.write(state, FIRST, exp_avg, "signed")
+        storage.write(state, SECOND, exp_avg_sq, "unsigned")
+        return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
+
+    def rotate(self, state, rotation, shape):
+        """Express the moments in a new basis, C = P_new^T P_old: M <- C M exactly, V <- (C*C) V, which is
+        exact when the old coordinates are uncorrelated, stays non-negative, and keeps V when the basis
+        does not change. Quantized moments are dequantized, rotated and requantized."""
+        if FIRST not in state:
+            return
+        storage = self._storage(shape)
+        exp_avg = storage.read(state, FIRST, shape, "signed")
+        exp_avg_sq = storage.read(state, SECOND, shape, "unsigned")
+        storage.write(state, FIRST, rotation @ exp_avg, "signed")
+        storage.write(state, SECOND, (rotation * rotation) @ exp_avg_sq, "unsigned")
+
+    def state_bytes(self, shape):
+        storage = self._storage(shape)
+        return storage.nbytes(shape, "signed") + storage.nbytes(shape, "unsigned")
+
+
+CORES: dict[str, type[Core]] = {"adam": AdamCore}
+
+
+def register_core(name: str) -> Callable[[type[Core]], type[Core]]:
+    def decorate(cls: type[Core]) -> type[Core]:
+        CORES[name] = cls
+        return cls
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What happens to the core state when the projector's basis changes.
+
+
+class MomentsPolicy:
+    needs_bases = False
+
+    def __call__(self, core: Core, state: dict, old_basis: Optional[torch.Tensor], new_basis: Optional[torch.Tensor],
+                 core_shape: torch.Size) -> None:
+        raise NotImplementedError
+
+
+class KeepMoments(MomentsPolicy):
+    """GaLore: keep the state as it is, though it is expressed in the old basis."""
+
+    def __call__(self, core, state, old_basis, new_basis, core_shape):
+        pass
+
+
+class ResetMoments(MomentsPolicy):
+    """FRUGAL: forget the state and restart the bias correction."""
+
+    def __call__(self, core, state, old_basis, new_basis, core_shape):
+        core.reset(state)
+
+
+class RotateMoments(MomentsPolicy):
+    """Rotate the moments into the new basis (AdamCore.rotate)."""
+
+    needs_bases = True
+
+    def __call__(self, core, state, old_basis, new_basis, core_shape):
+        if old_basis is not None:
+            core.rotate(state, new_basis.T @ old_basis, core_shape)
+
+
+MOMENT_POLICIES: dict[str, MomentsPolicy] = {
+    "keep": KeepMoments(),
+    "reset": ResetMoments(),
+    "rotate": RotateMoments(),
+}

@@ -1,0 +1,292 @@
+"""PipelineOptimizer: one torch optimizer for every method lowmem builds from parts.
+
+Per weight, on its canonical (b, a) gradient Gc when it is projected (lowmem.optim.projectors):
+
+    every update_gap updates: projector.refresh, then moments_on_refresh (keep | reset | rotate)
+    R = project(Gc)                 core gradient, r x a
+    D = core(R)                     adam | adafactor | microadam; state in fp32 | bf16 | int8 | int4
+    U = scale * P D + residual(Gc, R, D)
+    W -= lr * U, with weight decay before or after (adam_convention)
+    projector.adapt(Gc)             online PCA's step on P
+
+and D = core(G), U = D for a weight that is not projected (embeddings, head, norms, every weight of a
+dense preset such as adamw8bit or adafactor). GaLore = svd + adam + drop; Fira = svd + adam + fira;
+FRUGAL = blocks + adam + sign_sgd; OSD = online_pca + adam + drop; AdamW-8bit = none + adam (int8);
+Adafactor = none + adafactor; MicroAdam = none + microadam. Any other combination works the same way.
+
+Which weights are projected: a parameter group with `projected: True` (what `lowmem.optim.groups` builds)
+and a projector other than `none`; its 2-D parameters are projected. Used outside lowmem, pass such
+groups: `PipelineOptimizer([{"params": mats, "projected": True}, {"params": rest}], GaloreOptions(rank=64))`,
+with an optional `names` list per group (random draws are then keyed by parameter name).
+
+Counters count optimizer updates, never micro-batches: state['step'] drives refreshes; each core keeps its
+own count (restarted when its state is reset). The blocks projector keys its refreshes on a shared
+optimizer-level update counter (the most updates any weight has taken, fixed at the start of each update by
+`step()` or `begin_update()`), so a weight that misses a gradient stays in the same draw.
+
+Weights are stepped in fp32 math (bf16/fp16 weights through an fp32 copy); float64 weights are refused
+rather than silently downcast. `update_weight` is the whole per-weight rule on plain tensors, so a
+distributed wrapper can run it on a matrix it assembled.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
+from lowmem.optim.pipeline_options import PipelineOptions
+from lowmem.optim.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
+from lowmem.optim.residuals import RESIDUALS
+from lowmem.optim.storage import StoragePolicy, resolve_state_dtype
+
+import lowmem.optim.adafactor  # noqa: F401,E402  (registers the adafactor core)
+import lowmem.optim.microadam  # noqa: F401,E402  (registers the microadam core)
+
+
+@dataclass(frozen=True)
+class WeightKey:
+    """A weight's identity for every random draw (a hash of its name, or its position when unnamed), its
+    position among the projected weights in model order (-1: not projected), and a label for messages."""
+
+    identity: int
+    position: int
+    label: str
+
+
+def name_identity(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
+
+
+class PipelineOptimizer(torch.optim.Optimizer):
+    def __init__(self, params: Iterable, options: Optional[PipelineOptions] = None):
+        options = options or PipelineOptions()
+        options.validate()
+        self.options = options
+        self._keys: dict[torch.Tensor, WeightKey] = {}
+        self._group_of: dict[torch.Tensor, dict] = {}
+        self._names: dict[torch.Tensor, str] = {}
+        self._projected_count = 0
+        self._updates_done = 0  # the most updates any weight has taken
+        self._update_index = 0  # the shared index of the update in progress
+        defaults = dict(lr=options.group_lr, betas=tuple(options.betas), eps=options.eps,
+                        weight_decay=options.weight_decay, projected=False)
+        self.projector: Optional[Projector] = None
+        if options.projects:
+            self.projector = PROJECTORS[options.projector](
+                density=options.density or 1.0, seed=options.seed, num_matrices=0,
+                update_gap=options.update_gap, block_order=options.block_order)
+        super().__init__(params, defaults)
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        # auto: bf16 states only when every trainable weight is bf16, as torch AdamW keeps them
+        dtype = torch.bfloat16 if trainable and all(p.dtype == torch.bfloat16 for p in trainable) else torch.float32
+        self.policy = StoragePolicy(resolve_state_dtype(options.state_dtype, dtype), options.int4_rank1)
+        if self.projector is not None:
+            self.projector.basis_dtype = self.policy.basis_dtype
+        self.core: Core = CORES[options.core](options, self.policy)
+        self.convention = ADAM_CONVENTIONS[options.adam_convention]
+        self.moments_policy = MOMENT_POLICIES[options.moments_on_refresh]
+        self.residual = RESIDUALS[options.residual](
+            scale=options.scale, fira_gamma=options.fira_gamma, fira_variant=options.fira_variant,
+            inactive_lr_scale=options.inactive_lr_scale)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("initial_lr", group["lr"])  # OSD follows the lr schedule's factor lr / initial_lr
+        names = group.get("names") or [None] * len(group["params"])
+        for p, name in zip(group["params"], names):
+            self._group_of[p] = group
+            if name is not None:
+                self._names[p] = name
+            if p.dtype == torch.float64:
+                raise TypeError(f"the pipeline optimizer steps float32/bfloat16/float16 weights in fp32 math; "
+                                f"{self._describe(p)} (shape {'x'.join(map(str, p.shape))}) is float64 and would "
+                                f"be silently downcast: cast the model to float32 (model.float()) first")
+            # frozen weights take no position, so they cannot distort the blocks count or the stagger offsets
+            position = -1
+            if self._is_projected(p, group) and p.requires_grad:
+                if self.options.projector != "blocks":
+                    rank = self.options.rank_for(tuple(p.shape))
+                    if rank > min(p.shape):
+                        raise ValueError(f"rank {rank} exceeds the smaller side of a {tuple(p.shape)} weight")
+                position = self._projected_count
+                self._projected_count += 1
+            identity = name_identity(name) if name is not None else len(self._keys)
+            self._keys[p] = WeightKey(identity, position, self._describe(p, position))
+        if self.projector is not None:
+            self.projector.num_matrices = self._projected_count
+
+    def _is_projected(self, p: torch.Tensor, group: dict) -> bool:
+        return self.projector is not None and bool(group.get("projected")) and p.ndim == 2
+
+    def _describe(self, p: torch.Tensor, position: int = -1) -> str:
+        if p in self._names:
+            return f"weight '{self._names[p]}'"
+        if position >= 0:
+            return f"projected weight #{position}"
+        return "a weight"
+
+    # -----------------------------------------------------------------------------------------------------
+    # Stepping
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.begin_update()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def begin_update(self) -> None:
+        """Mark the start of an optimizer update (`step()` calls it; update-in-backward calls it when armed),
+        fixing the shared update index that the blocks projector's refreshes follow."""
+        self._update_index = self._updates_done
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor) -> None:
+        """Update one parameter from its gradient (update-in-backward's fast path)."""
+        if p.grad is not None:
+            self._step_param(p, self._group_of[p])
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        weight = p.float()
+        self.update_weight(weight, p.grad, self.state[p], group, self._keys[p], self._is_projected(p, group))
+        if weight is not p:  # low-precision weights: the math ran on an fp32 copy
+            p.copy_(weight)
+
+    def update_weight(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, key: WeightKey,
+                      projected: bool) -> None:
+        """The whole rule for one weight: update fp32 `weight` in place from `grad` (any float dtype), with
+        the weight's `state` and its group's hyper-parameters."""
+        state.setdefault("step", 0)
+        # without begin_update (step_param used directly) a weight's own count still moves the index on
+        self._update_index = max(self._update_index, state["step"])
+        grad = grad.float()
+        ctx = CoreContext(weight, key.label)
+        if projected:
+            update, decay_scale = self._projected_update(grad, state, group, key, ctx)
+        else:
+            result = self.core.step(grad, state, group, ctx)
+            update, decay_scale = result.direction, result.decay_scale
+        state["step"] += 1
+        self._updates_done = max(self._updates_done, state["step"])
+        self.convention.apply_update(weight, update, group["lr"], group["lr"] * group["weight_decay"] * decay_scale)
+
+    def _refresh_number(self, state: dict, key: WeightKey) -> Optional[int]:
+        """The refresh number to draw now, or None when no refresh is due."""
+        if self.projector.shared_refresh:  # blocks: every weight follows the shared update index
+            number = self._update_index // self.options.update_gap
+            return number if state.get("shared_refresh") != number else None
+        refreshes = state.get("refreshes", 0)
+        return refreshes if self._refresh_due(state, key) else None
+
+    def _refresh_due(self, state: dict, key: WeightKey) -> bool:
+        if state.get("refreshes", 0) == 0:
+            return True
+        if not self.projector.periodic:
+            return False
+        gap = self.options.update_gap
+        offset = key.position * gap // self._projected_count if self.options.stagger else 0
+        return (state["step"] + offset) % gap == 0
+
+    def _core_shape(self, state: dict, shape: tuple[int, ...]) -> torch.Size:
+        rank = self.projector.core_rank(state, self.options.rank_for(shape), shape)
+        return torch.Size((rank, small_side(shape)[1]))
+
+    def _projected_update(self, grad: torch.Tensor, state: dict, group: dict, key: WeightKey,
+                          ctx: CoreContext) -> tuple[torch.Tensor, float]:
+        projector = self.projector
+        grad_c = canonical(grad)
+        rows = grad_c.shape[0]
+        number = self._refresh_number(state, key)
+        if number is not None:
+            has_basis = state.get("refreshes", 0) > 0
+            needs_bases = self.moments_policy.needs_bases and has_basis and not projector.resets_state
+            old_basis = projector.basis(state, rows, grad.device) if needs_bases else None
+            refresh_key = RefreshKey(self.options.seed, key.identity, number, key.position)
+            projector.refresh(state, grad, self.options.rank_for(tuple(grad.shape)), refresh_key, key.label)
+            state["refreshes"] = state.get("refreshes", 0) + 1
+            if projector.shared_refresh:
+                state["shared_refresh"] = number
+            if projector.resets_state:
+                self.core.reset(state)
+                self.residual.reset(state)
+            elif has_basis:
+                new_basis = projector.basis(state, rows, grad.device) if needs_bases else None
+                self.moments_policy(self.core, state, old_basis, new_basis, self._core_shape(state, grad.shape))
+        decay_scale = 1.0
+        if projector.is_empty(state):  # inactive block: no core state, no projection
+            update_c = self.residual(state, grad_c, None, None, None, 1.0)
+            if update_c is None:
+                update_c = torch.zeros_like(grad_c)
+        else:
+            core_grad = projector.project(state, grad_c)
+            result = self.core.step(core_grad, state, group, ctx)
+            decay_scale = result.decay_scale
+            extra = None
+            if not (self.residual.vanishes_on_full and projector.is_full(state)):
+                back = projector.project_back(state, core_grad, rows) if self.residual.needs_back else None
+                extra = self.residual(state, grad_c, core_grad, result.direction, back, result.bias_correction)
+            # project_back may return `direction` itself (active block): it is not needed any more
+            update_c = projector.project_back(state, result.direction, rows).mul_(self.options.scale)
+            if extra is not None:
+                update_c.add_(extra)
+        projector.adapt(state, grad_c, group["lr"] / group["initial_lr"])
+        return (update_c.T if grad.shape[0] >= grad.shape[1] else update_c), decay_scale
+
+    # -----------------------------------------------------------------------------------------------------
+    # State
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but state tensors keep their saved dtype (torch casts floating tensors to the parameter's
+        dtype, which would turn fp32 moments of bf16 weights into bf16), and the per-parameter group lookup
+        follows the new group dicts torch installs."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+        self._updates_done = max((s.get("step", 0) for s in self.state.values()), default=0)
+        self._update_index = self._updates_done
+
+    def _weight_state_bytes(self, p: torch.Tensor, group: dict, state: Optional[dict]) -> int:
+        """The formula for one weight's state: what it holds now (`state`), or after its first update (None)."""
+        shape = tuple(p.shape)
+        if not self._is_projected(p, group) or p not in self._keys or self._keys[p].position < 0:
+            return self.core.state_bytes(shape)
+        projector = self.projector
+        if state is None:  # the first update's refresh, in a scratch state (blocks: which weights are active)
+            state = {}
+            if projector.shared_refresh:
+                key = self._keys[p]
+                projector.refresh(state, None, 0, RefreshKey(self.options.seed, key.identity, 0, key.position))
+        rank = self.options.rank_for(shape)
+        total = projector.state_bytes(shape, rank, self.policy.basis_itemsize)
+        if not projector.is_empty(state):
+            total += self.core.state_bytes(self._core_shape(state, shape)) + self.residual.state_bytes()
+        return total
+
+    def expected_state_bytes(self) -> int:
+        """The state size predicted by each part's formula, for the weights that hold state now."""
+        return sum(self._weight_state_bytes(p, group, self.state[p])
+                   for group in self.param_groups for p in group["params"] if self.state.get(p))
+
+    def predicted_state_bytes(self) -> int:
+        """The state after the first update of every trainable weight, from shapes alone (works on a
+        meta-device model, so it can be asked before any weight is allocated)."""
+        return sum(self._weight_state_bytes(p, group, None)
+                   for group in self.param_groups for p in group["params"] if p.requires_grad)
+
+
+ProjectedAdam = PipelineOptimizer  # the name before the pipeline had cores and storages

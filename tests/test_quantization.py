@@ -1,0 +1,133 @@
+"""Blockwise 8-bit and 4-bit state quantization: maps, round-trip error bounds, packing, the zero-point case."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowmem.optim import quantization as q
+from lowmem.optim.storage import QuantizedStorage, StoragePolicy
+
+
+def slow_round_trip(x: torch.Tensor, values: torch.Tensor, block: int) -> torch.Tensor:
+    """Written out: per block, scale by the absmax, pick the nearest map value by exhaustive search."""
+    out = torch.empty_like(x)
+    for start in range(0, x.numel(), block):
+        chunk = x[start:start + block]
+        scale = chunk.abs().max()
+        normalized = chunk / scale if scale > 0 else chunk
+        nearest = (normalized[:, None] - values[None, :]).abs().argmin(dim=1)
+        out[start:start + block] = values[nearest] * scale
+    return out
+
+
+def worst_rounding_error(values: torch.Tensor, low: float, high: float) -> float:
+    """The worst nearest-value error of a normalized value in [low, high]: half the largest gap between
+    neighbouring map values, or the whole distance from an end of the range to the map value nearest it
+    (below the zero-free map's 1/16 there is no smaller value to round to)."""
+    inside = values[(values >= low) & (values <= high)].unique()
+    half_gaps = float((inside[1:] - inside[:-1]).max()) / 2
+    return max(half_gaps, float(inside[0]) - low, high - float(inside[-1]))
+
+
+def test_maps_are_bitsandbytes_dynamic_maps_and_the_4bit_second_moment_map_has_no_zero():
+    import bitsandbytes.functional as F
+
+    for signed in (True, False):
+        assert torch.equal(q.state_map(8, "signed" if signed else "unsigned").values,
+                           F.create_dynamic_map(signed=signed, max_exponent_bits=7, total_bits=8))
+    ours = q.state_map(4, "signed").values
+    theirs = F.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)
+    assert torch.equal(ours.unique(), theirs.unique())  # bnb pads the 4-bit table to 256 entries with zeros
+    assert len(ours) == 16 and ours.min() < 0
+    v = q.state_map(4, "unsigned").values
+    assert len(v) == 16 and float(v.min()) == 1 / 16 and float(v.max()) == 1.0 and not (v == 0).any()
+
+
+@pytest.mark.parametrize("bits, kind, block", [(8, "signed", 256), (8, "unsigned", 256), (4, "signed", 128),
+                                               (4, "unsigned", 128)])
+@pytest.mark.parametrize("numel", [4096, 1000, 257])
+def test_round_trip_matches_the_slow_reference_within_the_maps_error(bits, kind, block, numel):
+    g = torch.Generator().manual_seed(numel + bits)
+    x = torch.randn(numel, generator=g) * torch.logspace(-4, 0, numel)[torch.randperm(numel, generator=g)]
+    if kind == "unsigned":
+        x = x.abs()
+    qmap = q.state_map(bits, kind)
+    absmax = q.block_absmax(x, block)
+    assert absmax.numel() == math.ceil(numel / block)  # a short last block has its own scale
+    scales = q.expand_blocks(absmax, block, numel)
+    codes = q.quantize(x, qmap, scales)
+    assert codes.dtype == torch.uint8 and codes.numel() == q.code_bytes(numel, bits)
+    back = q.dequantize(codes, qmap, scales, numel)
+    reference = slow_round_trip(x, qmap.values, block)
+    torch.testing.assert_close(back, reference, atol=1e-7, rtol=1e-6)
+    low = 0.0 if kind == "unsigned" else -1.0
+    bound = worst_rounding_error(qmap.values, low, 1.0)
+    assert ((back - x).abs() <= bound * scales * (1 + 1e-5)).all()
+    # a block whose largest magnitude is positive keeps it exactly (1.0 is a map value, -1.0 is not)
+    for start in range(0, numel, block):
+        i = int(x[start:start + block].abs().argmax()) + start
+        if x[i] > 0:
+            assert back[i] == pytest.approx(float(x[i]), rel=1e-6)
+
+
+def test_nibble_packing_round_trips_odd_lengths():
+    codes = torch.randint(0, 16, (11,), dtype=torch.uint8)
+    packed = q.pack_nibbles(codes)
+    assert packed.numel() == 6
+    assert torch.equal(q.unpack_nibbles(packed, 11), codes)
+    assert int(packed[0]) == int(codes[0]) | (int(codes[1]) << 4)
+
+
+def adam_update(m, v, eps=1e-8):
+    return m / (v.sqrt() + eps)
+
+
+def test_zero_free_map_keeps_tiny_second_moments_from_blowing_up_the_update():
+    """One block: a large second moment (1e-2) beside tiny ones (1e-12) whose first moments are consistent
+    with them (1e-6). A map containing 0 sends the tiny v to 0 and m / sqrt(v) to m / eps = 100; the
+    zero-free map sends them to absmax / 16, so every update stays finite and at most the fp32 one."""
+    v = torch.full((128,), 1e-12)
+    v[5] = 1e-2
+    m = torch.full((128,), 1e-6)
+    m[5] = 0.1
+    exact = adam_update(m, v)
+    storage = QuantizedStorage("int4")
+    state: dict = {}
+    storage.zeros(state, "v", v.shape, v.device, "unsigned")
+    storage.write(state, "v", v, "unsigned")
+    storage.zeros(state, "m", m.shape, m.device, "signed")
+    storage.write(state, "m", m, "signed")
+    quantized = adam_update(storage.read(state, "m", m.shape, "signed"), storage.read(state, "v", v.shape, "unsigned"))
+    assert torch.isfinite(quantized).all()
+    assert (quantized.abs() <= exact.abs() * (1 + 1e-6)).all()
+    assert quantized[5] == pytest.approx(float(exact[5]), rel=1e-5)  # the block's absmax is exact
+    with_zero = q.QuantMap(q.dynamic_map(signed=False, max_exponent_bits=3, total_bits=4), 4)
+    scales = q.expand_blocks(q.block_absmax(v, 128), 128, 128)
+    v_zero = q.dequantize(q.quantize(v, with_zero, scales), with_zero, scales, 128)
+    assert adam_update(m, v_zero).max() > 50  # what the zero-free map prevents
+
+
+def test_rank1_normalization_scales_each_entry_by_its_row_and_column_max():
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(96, 80, generator=g) ** 4
+    storage = StoragePolicy("int4", rank1_second_moment=True).storage
+    state: dict = {}
+    storage.zeros(state, "v", v.shape, v.device, "unsigned")
+    storage.write(state, "v", v, "unsigned")
+    assert set(state) == {"v", "v_row", "v_col"}
+    torch.testing.assert_close(state["v_row"], v.max(dim=1).values)
+    torch.testing.assert_close(state["v_col"], v.max(dim=0).values)
+    back = storage.read(state, "v", v.shape, "unsigned")
+    scale = torch.minimum(v.max(dim=1).values[:, None], v.max(dim=0).values[None, :])
+    # half a step of the 16-level linear map, or up to 1/16 for entries below its smallest value
+    assert ((back - v).abs() <= torch.where(v < scale / 16, scale / 16, scale / 32) * (1 + 1e-6)).all()
+    assert storage.nbytes((96, 80), "unsigned") == 96 * 80 // 2 + 4 * (96 + 80)
+    assert storage.nbytes((96, 80), "signed") == 96 * 80 // 2 + 4 * (96 * 80 // 128)
+
+
+def test_small_tensors_stay_fp32():
+    policy = StoragePolicy("int8")
+    assert policy.for_shape((63, 65)).name == "fp32"  # 4095 elements
+    assert policy.for_shape((64, 64)).name == "int8"
