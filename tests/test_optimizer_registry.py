@@ -20,7 +20,13 @@ EXTRA = [{"name": "galore", "core": "adafactor"}, {"name": "fira", "core": "adaf
          {"name": "galore", "core": "microadam"}, {"name": "galore", "projector": "random", "state_dtype": "int4"},
          {"name": "galore", "moments_on_refresh": "rotate", "state_dtype": "int8"},
          {"name": "adamw4bit", "int4_rank1": True}, {"name": "frugal", "block_order": "mirror", "state_dtype": "int8"},
-         {"name": "adafactor", "betas": [0.9, 0.999], "state_dtype": "int8"}]
+         {"name": "adafactor", "betas": [0.9, 0.999], "state_dtype": "int8"},
+         # transforms with a moment reset inside the resumed stretch (updates 4 and 6)
+         {"name": "stable_spam", "reset_interval": 2, "state_dtype": "int4"},
+         {"name": "stable_spam", "reset_interval": 2, "reset_with_old_moments": True, "anneal_steps": 5},
+         {"name": "spam", "reset_interval": 2, "spam_clip_delay": 1, "reset_warmup": 2},
+         {"name": "galore", "transforms": ["stable_spam"], "reset_interval": 2, "state_dtype": "int8"},
+         {"name": "adafactor", "transforms": ["spam"], "reset_interval": 2, "spam_clip_delay": 1}]
 
 
 def _accepts(tree: dict) -> bool:

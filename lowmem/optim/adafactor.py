@@ -58,6 +58,7 @@ class AdafactorCore(Core):
     name = "adafactor"
     moment_keys = (FIRST, SECOND, ROW, COL)
     counter_keys = ("factor_step",)
+    has_second_moment = True  # the rank-1 reconstruction R C / mean(R) of a factored one
 
     def _step_factor(self, step: int, weight: torch.Tensor) -> float:
         o = self.options
@@ -100,6 +101,22 @@ class AdafactorCore(Core):
             storage.write(state, FIRST, exp_avg, "signed")
             update = exp_avg.clone() if exp_avg is state.get(FIRST) else exp_avg
         return CoreStep(update, 1.0, decay_scale=factor)
+
+    def reset_moments(self, state, shape):
+        for key in (ROW, COL):
+            if key in state:
+                state[key].zero_()
+        storage = self.policy.for_shape(tuple(shape))
+        for key, kind in ((SECOND, "unsigned"), (FIRST, "signed")):
+            if key in state:
+                storage.zeros(state, key, shape, state[key].device, kind)
+
+    def second_moment(self, state, shape):
+        if ROW in state:
+            return torch.outer(state[ROW], state[COL]) / state[ROW].mean() if len(shape) == 2 else None
+        if SECOND in state:
+            return self.policy.for_shape(tuple(shape)).read(state, SECOND, shape, "unsigned")
+        return None
 
     def state_bytes(self, shape):
         shape = tuple(shape)

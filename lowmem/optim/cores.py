@@ -110,6 +110,7 @@ class Core:
 
     name = "core"
     supports_rotation = False  # moments_on_refresh: rotate needs moments expressed in a basis
+    has_second_moment = False  # an element-wise second-moment estimate (SPAM's spike clipping reads it)
     moment_keys: tuple[str, ...] = ()  # every state key the core owns (reset drops them)
     counter_keys: tuple[str, ...] = ()
 
@@ -127,6 +128,20 @@ class Core:
         for key in self.counter_keys:
             state.pop(key, None)
 
+    def reset_moments(self, state: dict, shape: torch.Size) -> None:
+        """Zero the moments in place, keeping the update count (a moment reset; `restart_count` restarts it)."""
+        raise NotImplementedError
+
+    def restart_count(self, state: dict) -> None:
+        """Make the next update count as the first (bias correction and schedules restart)."""
+        for key in self.counter_keys:
+            if key in state:
+                state[key] = 0
+
+    def second_moment(self, state: dict, shape: torch.Size) -> Optional[torch.Tensor]:
+        """The element-wise second-moment estimate before this update (fp32), or None when none is held yet."""
+        return None
+
     def rotate(self, state: dict, rotation: torch.Tensor, shape: torch.Size) -> None:
         raise NotImplementedError(f"the {self.name} core cannot rotate its state into a new basis")
 
@@ -141,6 +156,7 @@ class AdamCore(Core):
 
     name = "adam"
     supports_rotation = True
+    has_second_moment = True
     moment_keys = (FIRST, SECOND)
     counter_keys = ("adam_step",)
 
@@ -166,6 +182,15 @@ class AdamCore(Core):
         storage.write(state, FIRST, exp_avg, "signed")
         storage.write(state, SECOND, exp_avg_sq, "unsigned")
         return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
+
+    def reset_moments(self, state, shape):
+        if FIRST in state:
+            storage = self._storage(shape)
+            storage.zeros(state, FIRST, shape, state[FIRST].device, "signed")
+            storage.zeros(state, SECOND, shape, state[SECOND].device, "unsigned")
+
+    def second_moment(self, state, shape):
+        return self._storage(shape).read(state, SECOND, shape, "unsigned") if FIRST in state else None
 
     def rotate(self, state, rotation, shape):
         """Express the moments in a new basis, C = P_new^T P_old: M <- C M exactly, V <- (C*C) V, which is

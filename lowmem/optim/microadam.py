@@ -118,6 +118,15 @@ class MicroAdamCore(Core):
         for key in self.moment_keys + self.counter_keys:
             state.pop(key, None)
 
+    def reset_moments(self, state, shape):
+        """Empty the window (its rows read as zeros) and the error feedback, keeping the count."""
+        if "window_values" in state:
+            state["window_values"].zero_()
+            state["window_indices"].zero_()
+            state["ef_codes"].zero_()
+            state["ef_min"].zero_()
+            state["ef_max"].zero_()
+
     def step(self, grad, state, group, ctx):
         o = self.options
         numel = grad.numel()

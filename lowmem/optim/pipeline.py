@@ -41,6 +41,7 @@ from lowmem.optim.pipeline_options import PipelineOptions
 from lowmem.optim.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
 from lowmem.optim.residuals import RESIDUALS
 from lowmem.optim.storage import StoragePolicy, resolve_state_dtype
+from lowmem.optim.transforms import TransformChain, TransformStep
 
 import lowmem.optim.adafactor  # noqa: F401,E402  (registers the adafactor core)
 import lowmem.optim.microadam  # noqa: F401,E402  (registers the microadam core)
@@ -91,6 +92,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         self.residual = RESIDUALS[options.residual](
             scale=options.scale, fira_gamma=options.fira_gamma, fira_variant=options.fira_variant,
             inactive_lr_scale=options.inactive_lr_scale)
+        self.transforms = TransformChain(options)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -170,15 +172,33 @@ class PipelineOptimizer(torch.optim.Optimizer):
         # without begin_update (step_param used directly) a weight's own count still moves the index on
         self._update_index = max(self._update_index, state["step"])
         grad = grad.float()
+        step = None
+        if self.transforms:
+            step = self.transforms.prepare(state, self._update_index + 1)
+            # the transforms change the gradient: never the caller's (an fp32 .grad is not copied by .float())
+            grad = self.transforms.on_gradient(grad.clone(), state, step)
+            group = self.transforms.group(group, step)
         ctx = CoreContext(weight, key.label)
         if projected:
-            update, decay_scale = self._projected_update(grad, state, group, key, ctx)
+            update, decay_scale = self._projected_update(grad, state, group, key, ctx, step)
         else:
-            result = self.core.step(grad, state, group, ctx)
-            update, decay_scale = result.direction, result.decay_scale
+            update, decay_scale, _ = self._core_step(grad, state, group, ctx, step)
+        if step is not None and step.lr_scale != 1.0:
+            update.mul_(step.lr_scale)
         state["step"] += 1
         self._updates_done = max(self._updates_done, state["step"])
         self.convention.apply_update(weight, update, group["lr"], group["lr"] * group["weight_decay"] * decay_scale)
+
+    def _core_step(self, core_grad: torch.Tensor, state: dict, group: dict, ctx: CoreContext,
+                   step: Optional[TransformStep]) -> tuple[torch.Tensor, float, float]:
+        """The core's direction for `core_grad` (with the transforms that act on the core around it), its
+        decay scale and the bias correction it carries."""
+        if step is not None:
+            core_grad = self.transforms.before_core(core_grad, state, self.core, step)
+        result = self.core.step(core_grad, state, group, ctx)
+        if step is not None:
+            self.transforms.after_core(state, self.core, step, core_grad.shape)
+        return result.direction, result.decay_scale, result.bias_correction
 
     def _refresh_number(self, state: dict, key: WeightKey) -> Optional[int]:
         """The refresh number to draw now, or None when no refresh is due."""
@@ -202,7 +222,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         return torch.Size((rank, small_side(shape)[1]))
 
     def _projected_update(self, grad: torch.Tensor, state: dict, group: dict, key: WeightKey,
-                          ctx: CoreContext) -> tuple[torch.Tensor, float]:
+                          ctx: CoreContext, step: Optional[TransformStep]) -> tuple[torch.Tensor, float]:
         projector = self.projector
         grad_c = canonical(grad)
         rows = grad_c.shape[0]
@@ -229,14 +249,13 @@ class PipelineOptimizer(torch.optim.Optimizer):
                 update_c = torch.zeros_like(grad_c)
         else:
             core_grad = projector.project(state, grad_c)
-            result = self.core.step(core_grad, state, group, ctx)
-            decay_scale = result.decay_scale
+            direction, decay_scale, correction = self._core_step(core_grad, state, group, ctx, step)
             extra = None
             if not (self.residual.vanishes_on_full and projector.is_full(state)):
                 back = projector.project_back(state, core_grad, rows) if self.residual.needs_back else None
-                extra = self.residual(state, grad_c, core_grad, result.direction, back, result.bias_correction)
+                extra = self.residual(state, grad_c, core_grad, direction, back, correction)
             # project_back may return `direction` itself (active block): it is not needed any more
-            update_c = projector.project_back(state, result.direction, rows).mul_(self.options.scale)
+            update_c = projector.project_back(state, direction, rows).mul_(self.options.scale)
             if extra is not None:
                 update_c.add_(extra)
         projector.adapt(state, grad_c, group["lr"] / group["initial_lr"])
@@ -263,8 +282,9 @@ class PipelineOptimizer(torch.optim.Optimizer):
     def _weight_state_bytes(self, p: torch.Tensor, group: dict, state: Optional[dict]) -> int:
         """The formula for one weight's state: what it holds now (`state`), or after its first update (None)."""
         shape = tuple(p.shape)
+        transforms = self.transforms.state_bytes()
         if not self._is_projected(p, group) or p not in self._keys or self._keys[p].position < 0:
-            return self.core.state_bytes(shape)
+            return self.core.state_bytes(shape) + transforms
         projector = self.projector
         if state is None:  # the first update's refresh, in a scratch state (blocks: which weights are active)
             state = {}
@@ -272,7 +292,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
                 key = self._keys[p]
                 projector.refresh(state, None, 0, RefreshKey(self.options.seed, key.identity, 0, key.position))
         rank = self.options.rank_for(shape)
-        total = projector.state_bytes(shape, rank, self.policy.basis_itemsize)
+        total = projector.state_bytes(shape, rank, self.policy.basis_itemsize) + transforms
         if not projector.is_empty(state):
             total += self.core.state_bytes(self._core_shape(state, shape)) + self.residual.state_bytes()
         return total

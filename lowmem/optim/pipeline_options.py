@@ -6,7 +6,7 @@ state_dtype: int4}`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from lowmem.config import ConfigError, closest
@@ -16,6 +16,7 @@ from lowmem.optim.projectors import BLOCK_ORDERS, PROJECTORS
 from lowmem.optim.registry import OptimizerOptions
 from lowmem.optim.residuals import FIRA_VARIANTS, RESIDUALS
 from lowmem.optim.storage import STATE_DTYPES
+from lowmem.optim.transforms import validate_transforms
 
 NO_PROJECTOR = "none"  # every weight takes the dense path (AdamW-8bit, Adafactor, MicroAdam)
 
@@ -61,6 +62,21 @@ class PipelineOptions(OptimizerOptions):
     k_init: float = 0.01  # fraction of each block kept per update
     topk_block: int = 16384  # elements per top-k block (int16 indices: at most 32768)
     ef_block: int = 64  # elements per min/max bucket of the 4-bit error feedback
+    # Gradient transforms (lowmem.optim.transforms): spam_clip | adaclip | adagn | moment_reset |
+    # grad_norm_stabilizer, or the combinations spam | stable_spam
+    transforms: list[str] = field(default_factory=list)
+    gamma1: float = 0.7  # AdaGN's norm EMA (Stable-SPAM 4-bit: 0.7; GradientStabilizer 0.6)
+    gamma2: float = 0.9  # AdaGN's squared-norm EMA
+    gamma3: float = 0.999  # AdaClip's max EMA
+    spam_theta: float = 5000.0  # SPAM: entries with g^2 > theta * V are clipped
+    spam_clip_delay: int = 20  # SPAM: no clipping in the first updates of each reset window
+    reset_interval: int = 500  # moment_reset: updates between resets (Delta T)
+    reset_warmup: int = 0  # SPAM's cosine lr warm-up after a reset (its preset: 150)
+    reset_bias_correction: bool = True  # restart Adam's bias correction at a reset (SPAM's code: false)
+    reset_with_old_moments: bool = False  # Stable-SPAM's code quirk (lowmem.optim.transforms)
+    transform_steps_follow_reset: bool = False  # Stable-SPAM's code quirk (lowmem.optim.transforms)
+    anneal_steps: Optional[int] = None  # Stable-SPAM's total_T: cosine annealing of beta1 and gamma1
+    anneal_min: float = 0.5  # the annealing factor's end value (Stable-SPAM's eta_min)
     seed: int = 0  # seeds random projectors and block choices
 
     @property
@@ -95,6 +111,7 @@ class PipelineOptions(OptimizerOptions):
                                   f"choose from {sorted(choices)}")
         self._validate_projection()
         self._validate_cores()
+        validate_transforms(self)
 
     def _validate_projection(self) -> None:
         if self.rank is not None and self.rank < 1:

@@ -13,10 +13,16 @@
     adafactor: no projection + Adafactor as its paper sets it: relative step min(1e-2, 1/sqrt(t)), parameter
                scaling, no first moment, update clipping 1, beta2_t = 1 - t^-0.8 (optimizer.lr unset)
     microadam: no projection + MicroAdam: window of 10 top-1% sparse gradients, 4-bit error feedback
+    spam:      no projection + Adam (GaLore's convention, as SPAM's code: eps 1e-6, decay after) with SPAM's
+               momentum reset every 500 updates (bias correction not restarted, cosine warm-up over 150) and
+               spike clipping at theta 5000
+    stable_spam: no projection + AdamW with AdaClip (gamma3 0.999), AdaGN (gamma1 0.7, gamma2 0.9) and a moment
+               reset every 500 updates: the paper's 4-bit setting (configs/optimizers/stable_spam_bf16.yaml: BF16)
+    grad_norm_stabilizer: no projection + AdamW with AdaGN alone (gamma1 0.6, gamma2 0.999): GradientStabilizer
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -104,10 +110,34 @@ class MicroAdamOptions(DenseOptions):
     core: str = "microadam"
 
 
+@dataclass
+class SpamOptions(DenseOptions):
+    name: str = "spam"
+    eps: float = 1e-6
+    adam_convention: str = "galore"
+    transforms: list[str] = field(default_factory=lambda: ["spam"])
+    reset_warmup: int = 150
+    reset_bias_correction: bool = False
+
+
+@dataclass
+class StableSpamOptions(DenseOptions):
+    name: str = "stable_spam"
+    transforms: list[str] = field(default_factory=lambda: ["stable_spam"])
+
+
+@dataclass
+class GradNormStabilizerOptions(DenseOptions):
+    name: str = "grad_norm_stabilizer"
+    transforms: list[str] = field(default_factory=lambda: ["grad_norm_stabilizer"])
+    gamma1: float = 0.6
+    gamma2: float = 0.999
+
+
 def build_pipeline(groups: list[dict], options: PipelineOptions) -> torch.optim.Optimizer:
     return PipelineOptimizer(groups, options)
 
 
 for _options in (GaloreOptions, FiraOptions, FrugalOptions, OSDOptions, AdamW8bitOptions, AdamW4bitOptions,
-                 AdafactorOptions, MicroAdamOptions):
+                 AdafactorOptions, MicroAdamOptions, SpamOptions, StableSpamOptions, GradNormStabilizerOptions):
     register_optimizer(_options.name, _options)(build_pipeline)
