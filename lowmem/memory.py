@@ -92,3 +92,11 @@ def state_versus_adamw(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     advice = (f"; optimizer.rank={rank} (or the default optimizer.rank=null with density 0.25) would hold less"
               if rank else "")
     return line + f": it saves no memory over AdamW{advice}", True
+
+
+if __name__ == "__main__":  # python -m lowmem.memory: the memory planner
+    import sys
+
+    from lowmem.planner import main
+
+    sys.exit(main())

@@ -75,7 +75,5 @@ def test_the_trainer_warns_when_the_optimizer_saves_nothing(tmp_path, corpus, ma
 def test_every_registered_optimizer_can_state_its_prediction_on_a_meta_model():
     model = quickstart_model()
     for name in OPTIMIZERS:
-        if name == "bnb_adamw8bit":  # bitsandbytes allocates its code tables on the weights' device
-            continue
         options = parse_optimizer_options({"name": name})
         assert build_optimizer(model, options).predicted_state_bytes() > 0, name

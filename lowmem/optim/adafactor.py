@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from lowmem.optim.cores import FIRST, SECOND, Core, CoreStep, register_core
+from lowmem.optim.cores import FIRST, SECOND, Core, CoreStep, moment_parts, register_core
 
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
 RELATIVE_STEP_CAP = 1e-2
@@ -118,13 +118,12 @@ class AdafactorCore(Core):
             return self.policy.for_shape(tuple(shape)).read(state, SECOND, shape, "unsigned")
         return None
 
-    def state_bytes(self, shape):
+    def state_parts(self, shape):
         shape = tuple(shape)
-        storage = self.policy.for_shape(shape)
-        if len(shape) >= 2:
-            total = 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:]))
-        else:
-            total = storage.nbytes(shape, "unsigned")
-        if self.options.betas[0] > 0:
-            total += storage.nbytes(shape, "signed")
-        return total
+        moments = [("first moment", "signed")] if self.options.betas[0] > 0 else []
+        if len(shape) < 2:
+            moments.append(("second moment", "unsigned"))
+        parts = moment_parts(self.policy.for_shape(shape), shape, moments)
+        if len(shape) >= 2:  # the factored statistics: fp32 rows and columns
+            parts["second moment (factored)"] = 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:]))
+        return parts

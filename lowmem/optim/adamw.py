@@ -28,6 +28,9 @@ class StateFormula:
     def param_state_bytes(self, p: torch.Tensor) -> int:
         raise NotImplementedError
 
+    def predicted_state_parts(self) -> dict[str, int]:
+        return {"moments": self.predicted_state_bytes()}
+
     def shared_state_bytes(self, params: list[torch.Tensor]) -> int:
         return 0
 

@@ -147,7 +147,21 @@ class Core:
 
     def state_bytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of this core's state for a core gradient of `shape`."""
+        return sum(self.state_parts(shape).values())
+
+    def state_parts(self, shape: tuple[int, ...]) -> dict[str, int]:
+        """The same bytes by kind of state (moments, scales, window, ...)."""
         raise NotImplementedError
+
+
+def moment_parts(storage: Storage, shape: tuple[int, ...], moments: list[tuple[str, str]]) -> dict[str, int]:
+    """Bytes of `moments` ((part name, signed | unsigned) each) and of their quantization scales."""
+    parts = {"scales": 0}
+    for name, kind in moments:
+        data, scales = storage.nbytes_parts(shape, kind)
+        parts[name] = parts.get(name, 0) + data
+        parts["scales"] += scales
+    return {name: value for name, value in parts.items() if value}
 
 
 class AdamCore(Core):
@@ -204,9 +218,8 @@ class AdamCore(Core):
         storage.write(state, FIRST, rotation @ exp_avg, "signed")
         storage.write(state, SECOND, (rotation * rotation) @ exp_avg_sq, "unsigned")
 
-    def state_bytes(self, shape):
-        storage = self._storage(shape)
-        return storage.nbytes(shape, "signed") + storage.nbytes(shape, "unsigned")
+    def state_parts(self, shape):
+        return moment_parts(self._storage(shape), tuple(shape), [("moments", "signed"), ("moments", "unsigned")])
 
 
 CORES: dict[str, type[Core]] = {"adam": AdamCore}

@@ -159,10 +159,11 @@ class MicroAdamCore(Core):
                                    beta1, beta2, group["eps"])
         return CoreStep(direction.view(grad.shape))
 
-    def state_bytes(self, shape):
+    def state_parts(self, shape):
         o = self.options
         numel = math.prod(shape)
         width = window_width(numel, o.topk_block, o.k_init)
         value_bytes = torch.empty((), dtype=self.value_dtype).element_size()
         buckets = -(-numel // o.ef_block)
-        return o.window * width * (2 + value_bytes) + (numel + 1) // 2 + 2 * 2 * buckets
+        return {"window": o.window * width * (2 + value_bytes),  # int16 indices and values
+                "error feedback": (numel + 1) // 2 + 2 * 2 * buckets}  # 4-bit codes, bf16 min and max

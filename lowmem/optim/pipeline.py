@@ -279,34 +279,50 @@ class PipelineOptimizer(torch.optim.Optimizer):
         self._updates_done = max((s.get("step", 0) for s in self.state.values()), default=0)
         self._update_index = self._updates_done
 
-    def _weight_state_bytes(self, p: torch.Tensor, group: dict, state: Optional[dict]) -> int:
-        """The formula for one weight's state: what it holds now (`state`), or after its first update (None)."""
+    def _weight_state_parts(self, p: torch.Tensor, group: dict, state: Optional[dict]) -> dict[str, int]:
+        """The formula for one weight's state, by part: what it holds now (`state`), or after its first update
+        (None)."""
         shape = tuple(p.shape)
-        transforms = self.transforms.state_bytes()
+        parts = {"transforms": self.transforms.state_bytes()}
         if not self._is_projected(p, group) or p not in self._keys or self._keys[p].position < 0:
-            return self.core.state_bytes(shape) + transforms
+            return _merge(parts, self.core.state_parts(shape))
         projector = self.projector
         if state is None:  # the first update's refresh, in a scratch state (blocks: which weights are active)
             state = {}
             if projector.shared_refresh:
                 key = self._keys[p]
                 projector.refresh(state, None, 0, RefreshKey(self.options.seed, key.identity, 0, key.position))
-        rank = self.options.rank_for(shape)
-        total = projector.state_bytes(shape, rank, self.policy.basis_itemsize) + transforms
+        parts["projector"] = projector.state_bytes(shape, self.options.rank_for(shape), self.policy.basis_itemsize)
         if not projector.is_empty(state):
-            total += self.core.state_bytes(self._core_shape(state, shape)) + self.residual.state_bytes()
-        return total
+            parts = _merge(parts, self.core.state_parts(self._core_shape(state, shape)))
+            parts["residual"] = self.residual.state_bytes()
+        return parts
+
+    def _state_parts(self, weights) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for p, group, state in weights:
+            total = _merge(total, self._weight_state_parts(p, group, state))
+        return {name: value for name, value in total.items() if value}
 
     def expected_state_bytes(self) -> int:
         """The state size predicted by each part's formula, for the weights that hold state now."""
-        return sum(self._weight_state_bytes(p, group, self.state[p])
-                   for group in self.param_groups for p in group["params"] if self.state.get(p))
+        return sum(self._state_parts((p, g, self.state[p]) for g in self.param_groups for p in g["params"]
+                                     if self.state.get(p)).values())
+
+    def predicted_state_parts(self) -> dict[str, int]:
+        """The state after the first update of every trainable weight, by part, from shapes alone (works on a
+        meta-device model, so it can be asked before any weight is allocated)."""
+        return self._state_parts((p, g, None) for g in self.param_groups for p in g["params"] if p.requires_grad)
 
     def predicted_state_bytes(self) -> int:
-        """The state after the first update of every trainable weight, from shapes alone (works on a
-        meta-device model, so it can be asked before any weight is allocated)."""
-        return sum(self._weight_state_bytes(p, group, None)
-                   for group in self.param_groups for p in group["params"] if p.requires_grad)
+        return sum(self.predicted_state_parts().values())
+
+
+def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for name, value in b.items():
+        out[name] = out.get(name, 0) + value
+    return out
 
 
 ProjectedAdam = PipelineOptimizer  # the name before the pipeline had cores and storages

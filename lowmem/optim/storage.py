@@ -64,7 +64,11 @@ class Storage:
             state.pop(name, None)
 
     def nbytes(self, shape: tuple[int, ...], kind: q.Kind) -> int:
-        return math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
+        return sum(self.nbytes_parts(shape, kind))
+
+    def nbytes_parts(self, shape: tuple[int, ...], kind: q.Kind) -> tuple[int, int]:
+        """(bytes of the values or codes, bytes of the scales) of a moment of `shape`."""
+        return math.prod(shape) * torch.empty((), dtype=self.dtype).element_size(), 0
 
 
 class QuantizedStorage(Storage):
@@ -111,13 +115,13 @@ class QuantizedStorage(Storage):
     def write(self, state, key, value, kind):
         self._store(state, key, value.reshape(-1).float(), value.shape, kind)
 
-    def nbytes(self, shape, kind):
+    def nbytes_parts(self, shape, kind):
         numel = math.prod(shape)
         if self._rank1(torch.Size(shape), kind):
             scales = shape[0] + shape[1]
         else:
             scales = -(-numel // self.block)
-        return q.code_bytes(numel, self.bits) + SCALE_BYTES * scales
+        return q.code_bytes(numel, self.bits), SCALE_BYTES * scales
 
 
 FP32 = Storage("fp32", torch.float32)
