@@ -41,3 +41,31 @@ def test_good_combinations_parse():
                  "int4_rank1": True}, {"name": "adafactor", "lr": None}, {"name": "frugal", "block_order": "mirror"},
                  {"name": "adamw", "state_dtype": "int8"}):
         parse_optimizer_options(tree)
+
+
+def test_target_lr_scale_moves_the_targeted_weights_at_a_fraction_of_the_lr():
+    """AdamW with target_lr_scale 0.25 equals torch AdamW with the attention/MLP linears in a group at lr/4."""
+    import torch
+
+    from lowmem.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(6, 5), "embed": torch.nn.Embedding(7, 6)})
+    reference = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    ours = build_optimizer(model, parse_optimizer_options({"name": "adamw", "lr": 0.01, "target_lr_scale": 0.25}))
+    theirs = torch.optim.AdamW([{"params": [reference["mlp.weight"]], "lr": 0.0025},
+                                {"params": [reference["embed.weight"]], "lr": 0.01},
+                                {"params": [reference["mlp.bias"]], "lr": 0.01, "weight_decay": 0.0}],
+                               lr=0.01, weight_decay=0.0)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for name, p in model.named_parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+            reference[name].grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[name].detach(), atol=1e-7, rtol=0)
+    assert [g["lr"] for g in ours.param_groups][:1] == [0.0025]
+    with pytest.raises(ConfigError, match="optimizer.target_lr_scale: must be positive"):
+        parse_optimizer_options({"name": "galore", "target_lr_scale": 0})

@@ -18,8 +18,9 @@ def is_projectable(name: str, param, options: OptimizerOptions) -> bool:
 def param_groups(model: nn.Module, options: OptimizerOptions) -> list[dict]:
     """Up to three groups: projected weights, other decayed weights, and no-decay parameters.
 
-    Group keys: params, names, weight_decay, projected. Frozen parameters are left out. Extra keys are
-    ignored by torch optimizers and read by lowmem's projection optimizers.
+    Group keys: params, names, weight_decay, projected (and lr, for the targeted weights, when
+    options.target_lr_scale is not 1). Frozen parameters are left out. Extra keys are ignored by torch
+    optimizers and read by lowmem's projection optimizers.
     """
     projected, decay, no_decay = ([], []), ([], []), ([], [])
     for name, param in model.named_parameters():
@@ -42,6 +43,9 @@ def param_groups(model: nn.Module, options: OptimizerOptions) -> list[dict]:
         )
         if params
     ]
+    if options.target_lr_scale != 1.0 and groups[0]["projected"]:
+        base = options.group_lr if hasattr(options, "group_lr") else options.lr
+        groups[0]["lr"] = base * options.target_lr_scale
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups

@@ -31,6 +31,10 @@ class OptimizerOptions:
     no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
     # Step each weight in its post-accumulate-grad hook and free its gradient at once.
     update_in_backward: bool = False
+    # lr multiplier of the weights target_modules match. The projection presets move those weights at an
+    # effective lr x scale while embeddings and head move at lr; setting this on AdamW gives it the same split
+    # (a fair baseline at small budgets, where that split alone can decide a ranking).
+    target_lr_scale: float = 1.0
 
     def validate(self) -> None:
         """Check values that do not depend on the model. Raise ConfigError naming the key."""
@@ -43,6 +47,8 @@ class OptimizerOptions:
                 raise ConfigError(f"optimizer.betas[{i}]: must be in [0, 1), got {beta}")
         if self.eps <= 0:
             raise ConfigError(f"optimizer.eps: must be positive, got {self.eps}")
+        if self.target_lr_scale <= 0:
+            raise ConfigError(f"optimizer.target_lr_scale: must be positive, got {self.target_lr_scale}")
 
     def validate_for_model(self, projected_shapes: dict[str, tuple[int, ...]]) -> None:
         """Check values against the shapes of the weights this optimizer will project (name -> shape)."""
