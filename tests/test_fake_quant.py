@@ -1,6 +1,6 @@
 """Fake 4-bit quantization (model.quant) against references written out here from the formulas, never against
 the code under test: the quantizers, the straight-through linear, a whole tiny LLaMA, config errors, and
-training and resume through the Trainer."""
+training, resume and export through the Trainer."""
 import copy
 import math
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build_tiny_config
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lowmem.checkpoint import latest_checkpoint
 from lowmem.config import ConfigError, ModelConfig, QuantConfig
+from lowmem.export import main as export_main
 from lowmem.fake_quant import fp4_e1m2, int4_activation, int4_weight
 from lowmem.metrics import read_metrics
 from lowmem.model import build_model
@@ -387,3 +388,40 @@ def test_quantized_resume_repeats_the_uninterrupted_losses(tmp_path, corpus, qua
     with pytest.raises(ConfigError, match=r"model.quant.activations: 'int4' -> 'fp4'"):
         Trainer(build_tiny_config(tmp_path, corpus, *QUANT_RUN, "model.quant.activations=fp4",
                                   "checkpoint.resume=auto"))
+
+
+def test_export_writes_plain_and_fake_quantized_models(tmp_path, quantized_run, capsys):
+    checkpoint = latest_checkpoint(quantized_run.run_dir)
+    master = quantized_run.model.state_dict()
+    assert export_main([str(checkpoint), str(tmp_path / "plain")]) == 0
+    assert export_main([str(checkpoint), str(tmp_path / "fq"), "--fake-quant"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    fq = AutoModelForCausalLM.from_pretrained(tmp_path / "fq")
+    assert AutoTokenizer.from_pretrained(tmp_path / "fq").get_vocab() == quantized_run.tokenizer.get_vocab()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, master[name]), name
+    quant = QuantConfig(weights="int4", group_size=16)
+    for name, tensor in fq.state_dict().items():
+        projection = any(f".{p}." in name for p in quant.target_modules)
+        expected = ref_int4_weight(master[name], 16) if projection else master[name]
+        assert torch.equal(tensor, expected), name
+    # The exported plain model computes what the weight-quantized model computes.
+    cfg = ModelConfig(preset=None, pretrained=str(checkpoint / "model"), quant=quant)
+    ids = torch.randint(0, fq.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(fq(ids).logits, build_model(cfg)(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_export_errors_name_the_problem(tmp_path, corpus, quantized_run, capsys):
+    assert export_main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert export_main([str(latest_checkpoint(quantized_run.run_dir)), str(tmp_path / "full")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    plain_run = build_tiny_config(tmp_path / "plain", corpus, "train.max_steps=1")
+    Trainer(plain_run).fit()
+    checkpoint = latest_checkpoint(plain_run.run_dir)
+    assert export_main([str(checkpoint), str(tmp_path / "out"), "--fake-quant"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained without quantized weights" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
