@@ -38,6 +38,20 @@ class RunConfig:
     seed: int = 0
 
 
+QUANT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class QuantConfig:
+    """Fake 4-bit quantization of linear layers (lowmem.quant_linear); both formats none: no change."""
+    weights: Literal["int4", "fp4", "none"] = "none"
+    activations: Literal["int4", "fp4", "none"] = "none"
+    group_size: int = 256  # consecutive input features sharing a scale; must divide every quantized in_features
+    keep_outliers: int = 2  # largest |values| per group kept exact: activations, and fp4 weights
+    stochastic_rounding: bool = False  # int4 weights and activations, in training mode only
+    target_modules: list[str] = field(default_factory=lambda: list(QUANT_TARGETS))  # module-name substrings
+
+
 @dataclass
 class ModelConfig:
     preset: Optional[str] = "llama_9m"
@@ -53,6 +67,7 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     # Further LlamaConfig fields by name (rope_theta, rms_norm_eps, tie_word_embeddings, ...).
     extra: dict = field(default_factory=dict)
+    quant: Optional[QuantConfig] = None  # fake-quantized (QAT) linears; None: plain linears
 
 
 @dataclass
@@ -334,6 +349,16 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_quant(q: QuantConfig) -> None:
+    """Checks that need no model; group sizes against the layers' widths are checked on the meta model."""
+    _require(q.group_size >= 1, f"model.quant.group_size: must be at least 1, got {q.group_size}")
+    _require(q.keep_outliers >= 0, f"model.quant.keep_outliers: must be >= 0, got {q.keep_outliers}")
+    _require(q.keep_outliers < q.group_size,
+             f"model.quant.keep_outliers: {q.keep_outliers} leaves nothing to quantize in a group of "
+             f"model.quant.group_size {q.group_size}; keep fewer than the group size")
+    _require(len(q.target_modules) > 0, "model.quant.target_modules: list at least one module-name pattern")
+
+
 def validate(config: Config) -> None:
     from lowmem.model import MODEL_PRESETS
     from lowmem.schedule import SCHEDULES
@@ -348,6 +373,8 @@ def validate(config: Config) -> None:
                 "num_hidden_layers", "vocab_size", "max_position_embeddings"):
         value = getattr(m, key)
         _require(value is None or value > 0, f"model.{key}: must be positive, got {value}")
+    if m.quant is not None:
+        _validate_quant(m.quant)
     if config.tokenizer.name is None and config.tokenizer.train_bpe is None:
         if m.pretrained is not None:
             config.tokenizer.name = m.pretrained  # a pretrained model brings its own tokenizer

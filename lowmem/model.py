@@ -6,6 +6,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from lowmem.config import ConfigError, ModelConfig, closest
+from lowmem.quant_linear import apply_fake_quant
 
 # Shapes of the GaLore/Fira/OSD benchmark configs (vocab 32000, untied head, RMSNorm eps 1e-6, no biases).
 MODEL_PRESETS: dict[str, dict] = {
@@ -65,20 +66,23 @@ def load_pretrained(name: str, loader, **kwargs):
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A fresh preset model, or `cfg.pretrained` (local directory or hub name) loaded with its weights."""
+    """A fresh preset model, or `cfg.pretrained` (local directory or hub name) loaded with its weights; with
+    `cfg.quant`, its target linears fake-quantized (the master weights keep `dtype`)."""
     if cfg.pretrained is not None:
         model = load_pretrained(cfg.pretrained, AutoModelForCausalLM, dtype=dtype)
     else:
         with torch.device(device):
             model = LlamaForCausalLM(llama_config(cfg, vocab_size)).to(dtype)
     model.to(device)
+    apply_fake_quant(model, cfg.quant)
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
 def build_meta_model(cfg: ModelConfig, vocab_size: int | None = None) -> PreTrainedModel:
-    """The model's structure with no storage, to check shapes before any work is done."""
+    """The model's structure with no storage, to check shapes (and `cfg.quant` against the layers) before any
+    work is done."""
     if cfg.pretrained is not None:
         from transformers import AutoConfig
 
@@ -86,7 +90,9 @@ def build_meta_model(cfg: ModelConfig, vocab_size: int | None = None) -> PreTrai
     else:
         config = llama_config(cfg, vocab_size)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    apply_fake_quant(model, cfg.quant)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
