@@ -1,10 +1,12 @@
 """Fake 4-bit quantization (quantize, then dequantize at once) as Stable-SPAM's 4-bit runs simulate it.
 
-Every function here is plain tensor math, the reference for a fused kernel. A quantizer takes a tensor whose
-last dimension is a multiple of `group_size`, splits it into groups of `group_size` consecutive elements
-along that dimension (a weight's input features, an activation's features: the reference's
-`view(-1, group_size)` of a contiguous tensor, with groups never crossing a row), computes in fp32 and
-returns the dequantized values in the input's shape and dtype.
+Every function here is plain tensor math, the reference for a fused kernel. A quantizer splits a tensor into
+groups of `group_size` consecutive elements, computes in fp32 and returns the dequantized values in the
+input's shape and dtype. Groups run along the last dimension (a weight's input features, an activation's
+features) when `group_size` divides it, so they never cross a row; otherwise (a down projection whose
+input, the intermediate size, 256 does not divide: llama_350m's 2736, llama_1b's 5461) they are groups of
+the flattened tensor, the reference's `view(-1, group_size)`, the short tail group padded with copies of
+its last value (the reference cannot run such a shape; a copy changes no min, max or absmax).
 
 Formats (the reference: TianjinYellow/StableSPAM, utils/act_weight_quantization.py, dummy_quant.py and
 act_weight_fp4.py):
@@ -24,11 +26,20 @@ E1M2_STEP = 0.25  # spacing of the E1M2 grid (see fp4_e1m2)
 E1M2_ABSMAX_VALUE = 1.0  # the grid value the group absmax lands on in the reference
 
 
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """fp32 (num_groups, group_size) view of `x`; refuses a last dimension that groups would have to cross."""
-    if group_size < 1 or x.shape[-1] % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the last dimension {x.shape[-1]}")
-    return x.reshape(-1, group_size).float()
+def _grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """fp32 (num_groups, group_size) groups of `x` (module docstring) and the function that turns groups
+    back into a tensor of x's shape and dtype."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % group_size
+    if pad:
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+
+    def restore(groups: torch.Tensor) -> torch.Tensor:
+        return groups.reshape(-1)[: x.numel()].reshape(x.shape).to(x.dtype)
+
+    return flat.view(-1, group_size), restore
 
 
 def _round(y: torch.Tensor, stochastic: bool) -> torch.Tensor:
@@ -60,12 +71,12 @@ def int4_weight(w: torch.Tensor, group_size: int, stochastic: bool = False) -> t
     so every value lies on the group's grid (k - zero) * scale, k = 0..15, on which 0 is exact; the grid's ends
     are min(g) and max(g) up to the rounding of the zero point, whose clamp saturates a group of one sign.
     """
-    groups = _grouped(w, group_size)
+    groups, restore = _grouped(w, group_size)
     low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
     scale = (high - low).clamp(min=1e-5) / INT4_MAX_CODE
     zero = (-torch.round(low / scale)).clamp(0, INT4_MAX_CODE)
     q = (_round(groups / scale, stochastic) + zero).clamp(0, INT4_MAX_CODE)
-    return ((q - zero) * scale).reshape(w.shape).to(w.dtype)
+    return restore((q - zero) * scale)
 
 
 def int4_activation(x: torch.Tensor, group_size: int, keep_outliers: int = 2, stochastic: bool = False) -> torch.Tensor:
@@ -82,7 +93,8 @@ def int4_activation(x: torch.Tensor, group_size: int, keep_outliers: int = 2, st
         q = _round(groups * (INT4_SYMMETRIC_MAX / scale), stochastic).clamp(-INT4_SYMMETRIC_MAX - 1, INT4_SYMMETRIC_MAX)
         return q * scale / INT4_SYMMETRIC_MAX
 
-    return _keep_outliers(_grouped(x, group_size), keep_outliers, quantize).reshape(x.shape).to(x.dtype)
+    groups, restore = _grouped(x, group_size)
+    return restore(_keep_outliers(groups, keep_outliers, quantize))
 
 
 def fp4_e1m2(x: torch.Tensor, group_size: int, keep_outliers: int = 2) -> torch.Tensor:
@@ -104,7 +116,8 @@ def fp4_e1m2(x: torch.Tensor, group_size: int, keep_outliers: int = 2) -> torch.
         step = groups.abs().amax(dim=1, keepdim=True).clamp(min=1e-6) * (E1M2_STEP / E1M2_ABSMAX_VALUE)
         return torch.round(groups / step) * step
 
-    return _keep_outliers(_grouped(x, group_size), keep_outliers, quantize).reshape(x.shape).to(x.dtype)
+    groups, restore = _grouped(x, group_size)
+    return restore(_keep_outliers(groups, keep_outliers, quantize))
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, group_size: int, keep_outliers: int,

@@ -85,8 +85,9 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def target_linears(model: nn.Module, quant: QuantConfig) -> dict[str, nn.Linear]:
-    """The linears `quant` replaces; ConfigError if a pattern matches none, or the group size does not divide a
-    replaced layer's in_features (groups run along a row and are never padded). Works on a meta model."""
+    """The linears `quant` replaces; ConfigError if a pattern matches none, or the group size does not divide the
+    hidden size (the input of every projection but the down projection, whose input may take row-crossing
+    groups: lowmem.fake_quant). Works on a meta model."""
     linears = quantizable_linears(model)
     for pattern in quant.target_modules:
         if not any(pattern in name for name in linears):
@@ -96,12 +97,11 @@ def target_linears(model: nn.Module, quant: QuantConfig) -> dict[str, nn.Linear]
                               f"{closest(pattern, leaves)}; its linears are {kinds} (the output head is never "
                               "quantized)")
     targets = {name: m for name, m in linears.items() if any(p in name for p in quant.target_modules)}
-    for name, m in targets.items():
-        if m.in_features % quant.group_size:
-            common = math.gcd(*(t.in_features for t in targets.values()))
-            fitting = [d for d in range(1, common + 1) if common % d == 0]
-            raise ConfigError(f"model.quant.group_size: {quant.group_size} does not divide the in_features "
-                              f"{m.in_features} of {name}; group sizes dividing every quantized layer: {fitting}")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or min(m.in_features for m in targets.values())
+    if hidden % quant.group_size:
+        fitting = [d for d in range(1, hidden + 1) if hidden % d == 0 and d <= 1024]
+        raise ConfigError(f"model.quant.group_size: {quant.group_size} does not divide the hidden size {hidden}; "
+                          f"group sizes that do: {fitting}")
     return targets
 
 

@@ -115,6 +115,7 @@ def summarize(run_name: str, config: Config, seconds: float, diverged: Optional[
     steps = [r for r in records if "loss" in r]
     speeds = [r["tokens_per_s"] for r in steps if r.get("tokens_per_s")]
     cuda = [r["cuda_peak_allocated_bytes"] for r in records if "cuda_peak_allocated_bytes" in r]
+    norms = [r["grad_norm"] for r in steps if r.get("grad_norm") is not None]
     finished = diverged is None and bool(evals)
     return {
         "run": run_name,
@@ -129,6 +130,7 @@ def summarize(run_name: str, config: Config, seconds: float, diverged: Optional[
         "cuda_peak_MiB": round(max(cuda) / MIB, 1) if cuda else None,
         "tokens": steps[-1]["tokens"] if steps else 0,
         "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "max_grad_norm": round(max(norms), 3) if norms else None,  # of the logged updates
         "wall_s": round(seconds, 1),
     }
 

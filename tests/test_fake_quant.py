@@ -106,8 +106,13 @@ def test_int4_weight_groups_run_along_the_input_dimension():
     out = int4_weight(w, 4)
     torch.testing.assert_close(out[0, :4], torch.tensor([0.0, 1.0, 2.0, 3.0]))  # 3/15 divides every value
     torch.testing.assert_close(out[1, 4:], torch.tensor([0.0, 10.0, 20.0, 30.0]))
-    with pytest.raises(ValueError, match="does not divide"):
-        int4_weight(torch.zeros(2, 12), 8)  # no silent padding across rows
+    # 8 does not divide a row of 10: groups of the flattened tensor, as the reference's view(-1, 8), the tail
+    # group (4 values) padded with copies of its last value
+    w = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    flat = w.reshape(-1)
+    expected = torch.cat([ref_int4_weight(flat[:16].reshape(2, 8), 8).reshape(-1),
+                          ref_int4_weight(torch.cat([flat[16:], flat[-1:].expand(4)]).reshape(1, 8), 8).reshape(-1)[:4]])
+    torch.testing.assert_close(int4_weight(w, 8).reshape(-1), expected)
 
 
 @pytest.mark.parametrize("keep", [0, 2, 3])
@@ -323,9 +328,8 @@ def test_bad_quant_values_fail_naming_the_key(tmp_path, corpus, override, messag
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.quant.group_size=24", "model.quant.group_size: 24 does not divide the in_features 32 of "
-                                  "model.layers.0.self_attn.q_proj; group sizes dividing every quantized layer: "
-                                  "[1, 2, 4, 8, 16, 32]"),
+    ("model.quant.group_size=24", "model.quant.group_size: 24 does not divide the hidden size 32; group sizes "
+                                  "that do: [1, 2, 4, 8, 16, 32]"),
     ("model.quant.target_modules=[q_proj,gate_prj]", "model.quant.target_modules: 'gate_prj' matches no linear "
                                                      "layer of the model (did you mean 'gate_proj'?)"),
     ("model.quant.target_modules=[lm_head]", "'model.layers.*.mlp.down_proj', 'model.layers.*.mlp.gate_proj'"),
