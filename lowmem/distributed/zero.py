@@ -312,6 +312,31 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
                         **{("shard",) + k: v for k, v in self.shards.items()}}
         return optimizer_state_bytes(holder)
 
+    def planned_state_bytes(self) -> int:
+        """What this rank should hold by the plan and each rule's formula: the full state of its owned matrices
+        and the state of its fragments of element-wise weights."""
+        total, held_quantized = 0, False
+        for plan in self.plans.values():
+            p = self.params[plan.name]
+            if plan.elementwise:
+                for f in plan.fragments:
+                    if f.rank == self.rank and (plan.name, f.lp_start) in self.shards:
+                        total += self._formula(p, f.numel, self.shards[(plan.name, f.lp_start)])
+            elif plan.owner == self.rank and plan.name in self.owned:
+                total += self._formula(p, None, self.owned[plan.name])
+                held_quantized |= p.numel() >= 4096
+        if self.foreign is not None and hasattr(self.inner, "shared_state_bytes") and held_quantized:
+            total += self.inner.shared_state_bytes([p for p in self.names if p.numel() >= 4096])
+        return total
+
+    def _formula(self, p: torch.Tensor, fragment: Optional[int], state: dict) -> int:
+        if self.pipeline is not None:
+            if fragment is not None:  # element-wise: the dense core's state on the fragment
+                return self.pipeline.core.state_bytes((fragment,)) + self.pipeline.transforms.state_bytes()
+            return sum(self.pipeline._weight_state_parts(p, self.pipeline._group_of[p], state).values())
+        piece = p if fragment is None else p.detach().reshape(-1)[:fragment]
+        return self.inner.param_state_bytes(piece)
+
     def consolidated_state(self) -> Optional[dict]:
         """Every weight's full state keyed by name, on rank 0 (None elsewhere); a collective call."""
         local = {"owned": {k: _to_cpu(v) for k, v in self.owned.items()},

@@ -72,6 +72,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         self._projected_count = 0
         self._updates_done = 0  # the most updates any weight has taken
         self._update_index = 0  # the shared index of the update in progress
+        self._core_grads: dict[torch.Tensor, torch.Tensor] = {}  # all-reduced R = P^T Gc for the next step
         defaults = dict(lr=options.group_lr, betas=tuple(options.betas), eps=options.eps,
                         weight_decay=options.weight_decay, projected=False)
         self.projector: Optional[Projector] = None
@@ -143,7 +144,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         self.begin_update()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None or p in self._core_grads:
                     self._step_param(p, group)
         return loss
 
@@ -160,17 +161,71 @@ class PipelineOptimizer(torch.optim.Optimizer):
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         weight = p.float()
-        self.update_weight(weight, p.grad, self.state[p], group, self._keys[p], self._is_projected(p, group))
+        self.update_weight(weight, p.grad, self.state[p], group, self._keys[p], self._is_projected(p, group),
+                           core_grad=self._core_grads.pop(p, None))
         if weight is not p:  # low-precision weights: the math ran on an fp32 copy
             p.copy_(weight)
 
-    def update_weight(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, key: WeightKey,
-                      projected: bool) -> None:
+    # -----------------------------------------------------------------------------------------------------
+    # Low-rank gradient communication (lowmem.distributed.gradient_sync)
+
+    def syncable_basis(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """The basis P (b x r, fp32) for all-reducing R = P^T Gc instead of G before the coming update, or None
+        when that update needs the whole gradient: p is not projected, has no basis yet or refreshes it now,
+        its projector moves P with the gradient (online PCA) or follows the shared blocks draw, a residual
+        uses what P leaves out, or a transform reads the whole gradient."""
+        state = self.state.get(p, {})
+        if (not self._is_projected(p, self._group_of[p]) or self.options.residual != "drop" or self.transforms
+                or not self.projector.periodic or self.projector.shared_refresh or state.get("refreshes", 0) == 0
+                or self._refresh_due(state, self._keys[p]) or self.projector.is_empty(state)):
+            return None
+        return self.projector.basis(state, min(p.shape), p.device)
+
+    def set_core_grad(self, p: torch.Tensor, core_grad: torch.Tensor) -> None:
+        """Hand the next step R = P^T Gc for p (all-reduced by the caller) in place of p's gradient."""
+        self._core_grads[p] = core_grad
+
+    # -----------------------------------------------------------------------------------------------------
+    # The rule of one weight on tensors held elsewhere (a distributed owner's assembled matrix)
+
+    def apply_rule(self, p: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        """Update `weight` (fp32, p's shape, or a flat fragment of it for an element-wise rule) from `grad` with
+        p's rule and the given `state` (kept by the caller) and hyper-parameters."""
+        self.update_weight(weight, grad, state, group, self._keys[p], self._is_projected(p, self._group_of[p]))
+
+    def is_elementwise(self, p: torch.Tensor) -> bool:
+        """Whether p's rule is element-wise (each element's update depends on that element alone), so it may run
+        on any fragment of p: no projection, the Adam core, moments not block-quantized, no transforms (whose
+        max and norm statistics span the tensor)."""
+        return (not self._is_projected(p, self._group_of[p]) and self.options.core == "adam" and not self.transforms
+                and self.policy.for_shape(tuple(p.shape)).name in ("fp32", "bf16"))
+
+    def rule_cost(self, p: torch.Tensor) -> float:
+        """Rough flops of one update of p, to balance matrix owners: the element-wise work on the core, plus
+        the two projections and the amortized basis refresh of a projected weight."""
+        if not self._is_projected(p, self._group_of[p]):
+            return 12.0 * p.numel()
+        b, a = small_side(tuple(p.shape))
+        rank = self.options.rank_for(tuple(p.shape))
+        return 12.0 * rank * a + 4.0 * p.numel() * rank + p.numel() * b / self.options.update_gap
+
+    def update_weight(self, weight: torch.Tensor, grad: Optional[torch.Tensor], state: dict, group: dict,
+                      key: WeightKey, projected: bool, core_grad: Optional[torch.Tensor] = None) -> None:
         """The whole rule for one weight: update fp32 `weight` in place from `grad` (any float dtype), with
-        the weight's `state` and its group's hyper-parameters."""
+        the weight's `state` and its group's hyper-parameters; or from a core gradient R = P^T Gc already
+        projected with the current basis (see syncable_basis)."""
         state.setdefault("step", 0)
         # without begin_update (step_param used directly) a weight's own count still moves the index on
         self._update_index = max(self._update_index, state["step"])
+        if core_grad is not None:
+            ctx = CoreContext(weight, key.label)
+            direction, decay_scale, _ = self._core_step(core_grad.float(), state, group, ctx, None)
+            update_c = self.projector.project_back(state, direction, min(weight.shape)).mul_(self.options.scale)
+            update = update_c.T if weight.shape[0] >= weight.shape[1] else update_c
+            state["step"] += 1
+            self._updates_done = max(self._updates_done, state["step"])
+            self.convention.apply_update(weight, update, group["lr"], group["lr"] * group["weight_decay"] * decay_scale)
+            return
         grad = grad.float()
         step = None
         if self.transforms:
