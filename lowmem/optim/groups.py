@@ -9,10 +9,44 @@ from lowmem.config import ConfigError
 from lowmem.optim.registry import OptimizerOptions
 
 
-def is_projectable(name: str, param, options: OptimizerOptions) -> bool:
-    """A 2-D weight of a module whose name contains one of `options.target_modules`."""
+# The attention and MLP projections of each architecture family (module-name substrings), by the model's
+# config.model_type. GPT-2's Conv1D weights (in x out, the transpose of a Linear's) are 2-D matrices like any
+# other: the projectors work on either orientation.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2",
+                     "granite", "cohere"], ["self_attn", "mlp"]),
+    "gpt2": ["attn", "mlp"],
+    "gpt_neox": ["attention", "mlp"],
+    "gptj": ["attn", "mlp"],
+    "opt": ["self_attn", "fc1", "fc2"],
+    "falcon": ["self_attention", "mlp"],
+    "phi": ["self_attn", "mlp"],
+}
+
+
+def target_patterns(model: nn.Module, options: OptimizerOptions) -> list[str]:
+    """options.target_modules, or the model family's attention and MLP projections; for another Hugging Face
+    family every 2-D weight but the input embedding and the output head; for a plain module, LLaMA's names."""
+    if options.target_modules is not None:
+        return list(options.target_modules)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        return DEFAULT_TARGETS["llama"]
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    excluded = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            excluded.add(id(module))
+    return [name for name, m in model.named_modules() if id(m) not in excluded and name
+            and getattr(m, "weight", None) is not None and m.weight.ndim == 2 and not isinstance(m, nn.Embedding)]
+
+
+def is_projectable(name: str, param, patterns: list[str]) -> bool:
+    """A 2-D weight of a module whose name contains one of `patterns`."""
     module_name = name.rsplit(".", 1)[0]
-    return param.ndim == 2 and any(pattern in module_name for pattern in options.target_modules)
+    return param.ndim == 2 and any(pattern in module_name for pattern in patterns)
 
 
 def param_groups(model: nn.Module, options: OptimizerOptions) -> list[dict]:
@@ -23,10 +57,11 @@ def param_groups(model: nn.Module, options: OptimizerOptions) -> list[dict]:
     optimizers and read by lowmem's projection optimizers.
     """
     projected, decay, no_decay = ([], []), ([], []), ([], [])
+    patterns = target_patterns(model, options)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if is_projectable(name, param, options):
+        if is_projectable(name, param, patterns):
             bucket = projected
         elif param.ndim < 2 or any(pattern in name for pattern in options.no_decay):
             bucket = no_decay
@@ -72,7 +107,7 @@ def check_options_against_model(model: nn.Module, options: OptimizerOptions) -> 
     shapes = projected_shapes(param_groups(model, options))
     if getattr(options, "projects", False) and not shapes:
         shown = ", ".join(linear_module_names(model))
-        raise ConfigError(f"optimizer.target_modules: {options.target_modules} match no weight matrix of the "
+        raise ConfigError(f"optimizer.target_modules: {target_patterns(model, options)} match no weight matrix of the "
                           f"model, so '{options.name}' would project nothing and hold AdamW's state; its linear "
                           f"modules are: {shown}")
     options.validate_for_model(shapes)

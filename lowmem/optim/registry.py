@@ -7,7 +7,7 @@ itself in its own module, which `lowmem.optim` imports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -24,9 +24,10 @@ class OptimizerOptions:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    # Module-name substrings of the 2-D weights a low-rank method projects (default: attention and MLP
-    # linears). Everything else (embeddings, head, norms) is updated by the optimizer's dense fallback.
-    target_modules: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
+    # Module-name substrings of the 2-D weights a low-rank method projects; null: the attention and MLP
+    # projections of the model's architecture (lowmem.optim.groups.DEFAULT_TARGETS). Everything else
+    # (embeddings, head, norms) is updated by the optimizer's dense path.
+    target_modules: Optional[list[str]] = None
     # Parameter-name substrings that never get weight decay (1-D parameters never do).
     no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
     # Step each weight in its post-accumulate-grad hook and free its gradient at once.
