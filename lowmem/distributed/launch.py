@@ -1,0 +1,98 @@
+"""Who am I in a distributed run: rank, world size and device from the launcher's environment (torchrun,
+deepspeed, accelerate launch all set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), the process
+group (NCCL on GPUs, gloo on CPU), and failures that end every rank instead of leaving the others waiting.
+
+A rank that raises prints its cause and leaves at once (os._exit: no atexit handler may wait on a
+collective); the other ranks' next collective then fails on the closed connection (gloo) or the watchdog
+(NCCL), and they too print and leave. A rank that hangs is caught by the process group's timeout
+(distributed.timeout_s).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str = "none"  # none | ddp | deepspeed
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launcher_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment; (0, 0, 1) when not launched."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def resolve_backend(requested: str, world_size: int) -> str:
+    """`auto`: none on one process, deepspeed when accelerate was told to use it, else ddp."""
+    if requested != "auto":
+        return requested
+    if world_size == 1:
+        return "none"
+    return "deepspeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else "ddp"
+
+
+def init(backend: str, timeout_s: float, device: torch.device) -> DistContext:
+    """Join the launcher's process group (nothing on one process with backend none)."""
+    rank, local_rank, world = launcher_world()
+    backend = resolve_backend(backend, world)
+    if backend == "none":
+        return DistContext()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    comm = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=comm, timeout=timeout)
+    elif not dist.is_initialized():
+        dist.init_process_group(comm, timeout=timeout, rank=rank, world_size=world)
+    return DistContext(rank, local_rank, world, backend)
+
+
+def device_for(name: str, local_rank: int) -> str:
+    """`auto` on a rank of a GPU job is that rank's GPU."""
+    if name == "auto" and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return name
+
+
+@contextlib.contextmanager
+def end_every_rank_on_failure(ctx: DistContext) -> Iterator[None]:
+    """On one process: nothing. On many: an exception on this rank is printed with the rank and ends the
+    process at once with status 1, so no rank is left waiting in a collective."""
+    if not ctx.distributed:
+        yield
+        return
+    try:
+        yield
+    except SystemExit as stop:  # a clean exit with a status (the CLI's config errors): every rank does it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
+    except BaseException as error:  # noqa: BLE001 (every failure must end the rank, whatever it is)
+        print(f"rank {ctx.rank} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        if not isinstance(error, (KeyboardInterrupt, dist.DistBackendError, RuntimeError)) or ctx.rank == 0:
+            traceback.print_exc(file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
