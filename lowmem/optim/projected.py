@@ -207,6 +207,8 @@ class ProjectedAdam(torch.optim.Optimizer):
         """As torch's, but state tensors keep their saved dtype (torch casts them to the parameter's dtype,
         which would turn fp32 moments of bf16 weights into bf16)."""
         super().load_state_dict(state_dict)
+        # torch replaces the group dicts: step_param must read the new ones, whose lr the schedule moves
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
