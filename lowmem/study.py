@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from lowmem.config import Config, ConfigError, config_from_tree, deep_merge, from_dict, read_yaml_tree, apply_override
+from lowmem.errors import TrainingDiverged
 from lowmem.metrics import read_metrics
 
 
@@ -53,22 +54,28 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
     return study, configs
 
 
-def summarize(run_name: str, config: Config, seconds: float) -> dict:
+def summarize(run_name: str, config: Config, seconds: float, diverged: TrainingDiverged | None = None) -> dict:
+    """One table row. A diverged run has status `diverged`, the step and cause, and no eval numbers; its
+    memory columns are filled when it got past its first update."""
     records = read_metrics(config.run_dir)
-    memory = next(r for r in records if r.get("event") == "memory")
-    evals = [r for r in records if "eval_loss" in r]
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    memory = next((r for r in records if r.get("event") == "memory"), None)
+    evals = [r for r in records if r.get("eval_loss") is not None] if diverged is None else []
+    speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None]
+    last = evals[-1] if evals else {}
     return {
         "run": run_name,
         "optimizer": config.optimizer.name,
         "lr": config.optimizer.lr,
-        "eval_loss": round(evals[-1]["eval_loss"], 4),
-        "eval_ppl": round(evals[-1]["eval_ppl"], 3),
-        "optimizer_state_MiB": round(memory["optimizer_state_bytes"] / 2**20, 3),
-        "params_MiB": round(memory["params_bytes"] / 2**20, 3),
-        "tokens": evals[-1]["tokens"] if "tokens" in evals[-1] else None,
+        "status": "diverged" if diverged else "ok",
+        "step": diverged.step if diverged else last.get("step"),
+        "eval_loss": round(last["eval_loss"], 4) if last else None,
+        "eval_ppl": round(last["eval_ppl"], 3) if last else None,
+        "optimizer_state_MiB": round(memory["optimizer_state_bytes"] / 2**20, 3) if memory else None,
+        "params_MiB": round(memory["params_bytes"] / 2**20, 3) if memory else None,
+        "tokens": last.get("tokens"),
         "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
         "wall_s": round(seconds, 1),
+        "cause": diverged.cause if diverged else "",
     }
 
 
@@ -78,16 +85,18 @@ def write_results(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    adamw = next((r for r in rows if r["optimizer"] == "adamw"), None)
+    adamw = next((r for r in rows if r["optimizer"] == "adamw" and r["optimizer_state_MiB"]), None)
     header = list(rows[0]) + (["state / adamw"] if adamw else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [str(row[k]) for k in rows[0]]
+        cells = ["" if row[k] is None else str(row[k]) for k in rows[0]]
         if adamw:
-            cells.append(f"{row['optimizer_state_MiB'] / adamw['optimizer_state_MiB']:.3f}")
+            state = row["optimizer_state_MiB"]
+            cells.append("" if state is None else f"{state / adamw['optimizer_state_MiB']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot(rows, out / "memory_vs_ppl.png")
+    plot([r for r in rows if r["eval_ppl"] is not None and r["optimizer_state_MiB"] is not None],
+         out / "memory_vs_ppl.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -118,8 +127,13 @@ def run_study(path: str | Path, overrides: list[str] = ()) -> list[dict]:
     for run_name, config in configs.items():
         print(f"=== {run_name}: optimizer {config.optimizer.name}")
         start = time.perf_counter()
-        Trainer(config).fit()
-        rows.append(summarize(run_name, config, time.perf_counter() - start))
+        try:
+            Trainer(config).fit()
+            diverged = None
+        except TrainingDiverged as err:  # one run's divergence is a result, not the end of the study
+            print(f"{run_name} diverged: {err}", file=sys.stderr)
+            diverged = err
+        rows.append(summarize(run_name, config, time.perf_counter() - start, diverged))
         write_results(rows, Path(study.out_dir) / study.name)  # partial results survive a later failure
     print((Path(study.out_dir) / study.name / "results.md").read_text())
     return rows

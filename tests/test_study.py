@@ -37,3 +37,19 @@ def test_every_run_is_validated_before_any_starts(tmp_path, corpus, make_config)
     with pytest.raises(ConfigError, match="study.runs.bad: unknown key 'optimizer.lrr'"):
         load_study(path)
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_diverging_run_is_recorded_and_the_study_goes_on(tmp_path, corpus, make_config, capsys):
+    path = write_study(make_config, tmp_path, corpus, {"blows_up": {"optimizer": {"name": "adamw", "lr": 1e10}},
+                                                       "fine": {"optimizer": {"name": "adamw", "lr": 0.01}}})
+    rows = run_study(path)
+    out = tmp_path / "studies" / "s"
+    assert "blows_up diverged: loss became nan at step 2" in capsys.readouterr().err
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["run"], r["status"], r["step"]) for r in table] == [("blows_up", "diverged", "2"), ("fine", "ok", "4")]
+    assert table[0]["cause"] == "loss became nan" and table[0]["eval_ppl"] == "" and table[0]["eval_loss"] == ""
+    assert float(table[1]["eval_ppl"]) > 1 and table[1]["cause"] == ""
+    assert rows[0]["eval_ppl"] is None
+    markdown = (out / "results.md").read_text()
+    assert "| blows_up | adamw | 10000000000.0 | diverged | 2 |  |  |" in markdown
+    assert (out / "memory_vs_ppl.png").stat().st_size > 1000
