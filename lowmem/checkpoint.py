@@ -4,33 +4,54 @@ Layout of one checkpoint directory `checkpoints/step_00000100/`:
     model/       config.json, model.safetensors, tokenizer files  (AutoModelForCausalLM.from_pretrained reads it)
     state.pt     optimizer, scheduler, RNG, data position, trainer counters  (torch.load(weights_only=True))
 A checkpoint is written under a temporary name and renamed when complete, so an interrupted write never
-replaces or damages the previous one; only the newest `keep_last` are kept.
+replaces or damages the previous one. A directory is a checkpoint only when both parts are there; whether
+they load (and hold finite weights) is checked by `verify_checkpoint` / `last_good_checkpoint`.
+After each write only the newest `keep_last` checkpoints at or before the written step are kept.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+
+from lowmem.errors import CheckpointError
 
 CHECKPOINT_PREFIX = "step_"
 TEMP_PREFIX = ".tmp-"
+ABANDONED_PREFIX = "abandoned-"
+STATE_KEYS = ("optimizer", "scheduler", "data", "rng", "trainer", "config")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The update number in a checkpoint directory's name (`step_00000100` -> 100)."""
+    return int(Path(path).name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def is_complete(path: Path) -> bool:
+    """Both parts of a checkpoint are present (what an interrupted write never leaves under a final name)."""
+    path = Path(path)
+    name = path.name
+    return (path.is_dir() and name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+            and (path / "state.pt").is_file() and (path / "model").is_dir())
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary, half-written directories are ignored)."""
+    """Complete checkpoints of a run, oldest first by step (temporary, half-written directories are ignored)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.pt").is_file())
+    return sorted((p for p in root.iterdir() if is_complete(p)), key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -38,8 +59,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity, with one device sync.
+
+    A tensor's sum is non-finite when any entry is (or when finite entries overflow float32, which weights and
+    moments never approach), and unlike `isfinite(t).all()` it needs no temporary as large as the tensor."""
+    names, sums = [], []
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            names.append(name)
+            sums.append(tensor.detach().sum(dtype=torch.float32))
+    if not sums:
+        return []
+    finite = torch.isfinite(torch.stack(sums)).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep_last: int) -> Path:
-    """Write model + tokenizer + `state` for `step` atomically, then drop checkpoints beyond `keep_last`."""
+    """Write model + tokenizer + `state` for `step` atomically, then drop the checkpoints before `step` beyond
+    the newest `keep_last` (one of a higher step is never counted, so it can never push out the new one)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
@@ -50,7 +88,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
     if tokenizer is not None:
         tokenizer.save_pretrained(temp / "model")
     torch.save(state, temp / "state.pt")
-    if final.exists():  # the same step saved again (a resumed run re-reaching it): replace it whole
+    if final.exists():  # the same step saved again: replace it whole
         old = root / f"{TEMP_PREFIX}old-{final.name}"
         if old.exists():  # left by a replace that was interrupted
             shutil.rmtree(old)
@@ -59,33 +97,103 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
         shutil.rmtree(old)
     else:
         os.replace(temp, final)
-    for stale in list_checkpoints(run_dir)[:-keep_last]:
+    for stale in [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step][:-keep_last]:
         shutil.rmtree(stale)
     return final
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """The tensor-only training state of a checkpoint."""
+def set_aside_newer(run_dir: Path, step: int) -> Path | None:
+    """Move the checkpoints of a step after `step` into `checkpoints/abandoned-<time>/`, where nothing lists,
+    resumes from or rotates them. A run resumed from `step` writes its own checkpoints for those steps: the
+    old ones (an abandoned future, or corrupt ones a resume skipped) must not be taken for its newest, nor
+    outlive its new ones under `keep_last`. Moved rather than deleted: they may be all a user has of that
+    future. Returns the folder they went to, or None when there were none."""
+    newer = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > step]
+    if not newer:
+        return None
+    folder = checkpoint_dir(run_dir) / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}"
+    folder.mkdir(exist_ok=True)
+    for path in newer:
+        os.replace(path, folder / path.name)
+    return folder
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, pickle.UnpicklingError):
+        return "not a readable torch file"
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first_line[:200]}"
+
+
+def load_state(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The tensor-only training state of a checkpoint (`mmap`: map the tensors instead of reading them, to
+    check a checkpoint cheaply). Raises CheckpointError naming the checkpoint when it cannot be used."""
     state_file = Path(path) / "state.pt"
     if not state_file.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' has no state.pt (incomplete or not a checkpoint)")
-    return torch.load(state_file, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"checkpoint '{path}' has no state.pt (incomplete or not a checkpoint)")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # a truncated or overwritten file fails in many ways; each means "unreadable"
+        raise CheckpointError(f"checkpoint '{path}': state.pt cannot be read ({_reason(err)})") from err
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}': state.pt lacks {', '.join(missing)}")
+    return state
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted((Path(path) / "model").glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint '{path}' has no model/*.safetensors")
+    return files
+
+
+def check_weights(path: Path) -> None:
+    """Read every weight of a checkpoint, one tensor at a time; raise CheckpointError if a file cannot be read
+    or a weight is not finite."""
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                bad = non_finite((key, weights.get_tensor(key)) for key in weights.keys())
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint '{path}': {file.name} cannot be read ({_reason(err)})") from err
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise CheckpointError(f"checkpoint '{path}': non-finite weights in {shown}")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless the checkpoint's state loads and its weights load and are finite."""
+    load_state(path, mmap=True)
+    check_weights(path)
+
+
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that loads and holds finite weights (what a user can resume from), or None."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
 
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """Copy a checkpoint's safetensors weights into `model` in place (keeps its dtype and device)."""
-    files = sorted((Path(path) / "model").glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint '{path}' has no model/*.safetensors")
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
-        weights.update(load_file(file))
+    for file in _weight_files(path):
+        try:
+            weights.update(load_file(file))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint '{path}': {file.name} cannot be read ({_reason(err)})") from err
     if "lm_head.weight" not in weights and getattr(model.config, "tie_word_embeddings", False):
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint '{path}' does not match the model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"checkpoint '{path}' does not match the model: missing {missing}, "
+                              f"unexpected {unexpected}")
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,10 +1,21 @@
-"""Command line: `python train.py CONFIG.yaml [dotted.key=value ...]`."""
+"""Command line: `python train.py CONFIG.yaml [dotted.key=value ...]`.
+
+An input or environment problem ends with one line on stderr, `<kind>: <message>` naming the key, file, row
+or value, and a non-zero exit (2 for config and data errors, 1 for a diverged run, 128 + the signal's number
+for SIGINT/SIGTERM); only an unexpected internal error shows a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from typing import TYPE_CHECKING
 
-from lowmem.config import ConfigError, load_config
+from lowmem.config import load_config
+from lowmem.errors import LowmemError, TrainingDiverged
+
+if TYPE_CHECKING:
+    from lowmem.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,28 +27,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = [args.config] + [a for a in args.more if "=" not in a]
     overrides = [a for a in args.more if "=" in a]
+    trainer = None
     try:
         config = load_config(files, overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        from lowmem.trainer import Trainer
 
-    from lowmem.checkpoint import latest_checkpoint
-    from lowmem.trainer import Trainer, TrainingDiverged
-
-    try:
         trainer = Trainer(config)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    try:
         final = trainer.fit()
     except TrainingDiverged as err:
-        last = latest_checkpoint(trainer.run_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written"
-        print(f"training stopped: {err}; {kept}", file=sys.stderr)
+        print(f"{err.kind}: {err}; {_last_good(trainer)}", file=sys.stderr)
+        return err.exit_code
+    except LowmemError as err:  # TrainingInterrupted too: its message names the checkpoint it wrote
+        print(f"{err.kind}: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # the disk filled up, a file vanished or became unreadable
+        print(f"environment error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C before training began, or a second signal during it
+        signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
+        when = f"after step {trainer.step}" if trainer is not None else "before training began"
+        kept = f"; {_last_good(trainer)}" if trainer is not None else ""
+        print(f"interrupted: {signal.Signals(signum).name} {when}, stopped at once{kept}", file=sys.stderr)
+        return 128 + signum
     if "eval_ppl" in final:
         print(f"done: step {final['step']}, eval loss {final['eval_loss']:.4f}, eval perplexity "
               f"{final['eval_ppl']:.2f}; run directory {trainer.run_dir}")
     return 0
+
+
+def _last_good(trainer: Trainer | None) -> str:
+    """Which checkpoint a user can continue from: only one that loads and holds finite weights is named."""
+    from lowmem.checkpoint import last_good_checkpoint
+
+    found = last_good_checkpoint(trainer.run_dir) if trainer is not None else None
+    return f"the last good checkpoint is {found}" if found else "there is no good checkpoint to resume from"

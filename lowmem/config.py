@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, misspelled, of the wrong type or impossible."""
+from lowmem.errors import ConfigError  # defined with the other user-facing errors; imported from here too
 
 
 def closest(word: str, choices: typing.Iterable[str]) -> str:
@@ -200,6 +199,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf / .nan: no lr, decay or ratio is meaningful there
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
@@ -286,6 +287,8 @@ def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at top level")
     includes = data.pop("include", []) or []
@@ -302,7 +305,12 @@ def apply_override(tree: dict, override: str) -> dict:
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like dotted.key=value")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override '{override}': the value of {dotted.strip()} is not valid YAML "
+                          f"({problem})") from None
     keys = dotted.strip().split(".")
     node = tree
     for key in keys[:-1]:
@@ -344,6 +352,11 @@ def config_from_tree(tree: dict) -> Config:
 # Value checks that types cannot express
 
 
+# The ModelConfig fields that override a preset's LlamaConfig.
+MODEL_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                    "num_hidden_layers", "vocab_size", "max_position_embeddings")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -369,12 +382,23 @@ def validate(config: Config) -> None:
         _require(m.preset in MODEL_PRESETS,
                  f"model.preset: unknown preset '{m.preset}'{closest(str(m.preset), MODEL_PRESETS)}; "
                  f"choose from {sorted(MODEL_PRESETS)}")
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+    for key in MODEL_SHAPE_KEYS:
         value = getattr(m, key)
         _require(value is None or value > 0, f"model.{key}: must be positive, got {value}")
     if m.quant is not None:
         _validate_quant(m.quant)
+    if m.pretrained is not None:
+        # A pretrained model keeps its shapes and vocabulary: these keys would be silently ignored.
+        ignored = [f"model.{key}" for key in MODEL_SHAPE_KEYS if getattr(m, key) is not None]
+        ignored += ["model.extra"] if m.extra else []
+        _require(not ignored, f"{', '.join(ignored)}: a pretrained model (model.pretrained '{m.pretrained}') "
+                 f"keeps its own shapes and config; unset {'them' if len(ignored) > 1 else 'it'} "
+                 f"({' '.join(key + '=null' for key in ignored)})")
+        # Its embeddings were trained with its own tokenizer: a freshly fitted BPE's ids would mean nothing to it.
+        _require(config.tokenizer.train_bpe is None,
+                 f"tokenizer.train_bpe: a freshly fitted BPE gives token ids the pretrained model "
+                 f"'{m.pretrained}' never saw; set tokenizer.train_bpe=null to train with the model's own "
+                 f"tokenizer (or tokenizer.name=... for another one that fits its vocabulary)")
     if config.tokenizer.name is None and config.tokenizer.train_bpe is None:
         if m.pretrained is not None:
             config.tokenizer.name = m.pretrained  # a pretrained model brings its own tokenizer

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from lowmem.config import ConfigError, DataConfig
+from lowmem.config import DataConfig
+from lowmem.errors import DataError
 
 Split = Literal["train", "eval"]
 TOKENIZE_CHUNK_DOCS = 512  # documents per tokenizer call: large enough for the fast tokenizer's threads
@@ -39,10 +40,6 @@ PREPARED_TOKENIZER = "tokenizer"
 
 # ---------------------------------------------------------------------------------------------------------
 # Documents
-
-
-class DataError(ConfigError):
-    """A data source cannot be read as configured; the message names the files or dataset and the key."""
 
 
 def is_held_out(text: str, eval_fraction: float) -> bool:
@@ -82,7 +79,7 @@ def resolve_files(cfg: DataConfig) -> tuple[list[str], str]:
     for pattern in cfg.files:
         matches = sorted(glob.glob(str(pattern)))
         if not matches:
-            raise FileNotFoundError(f"data.files: no file matches '{pattern}'")
+            raise DataError(f"data.files: no file matches '{pattern}'")
         files += [m for m in matches if m not in files]
     if cfg.format != "auto":
         return files, cfg.format
@@ -126,11 +123,53 @@ def load_source(cfg: DataConfig, split_name: str) -> datasets.Dataset | datasets
         return datasets.load_dataset(loader, data_files=files, split="train", streaming=cfg.streaming, **options)
 
 
-def document_text(example: dict, cfg: DataConfig) -> str:
+def document_text(example: dict, cfg: DataConfig, row: int | None = None) -> str:
+    """The text of one example; DataError naming the file and row when it has none (`row`: its 0-based
+    position in the dataset, when known)."""
     if cfg.text_field not in example:
         raise DataError(f"data.text_field: no column '{cfg.text_field}' in {describe_source(cfg)} "
                         f"(columns: {sorted(example)})")
-    return example[cfg.text_field]
+    text = example[cfg.text_field]
+    if not isinstance(text, str):  # a row lacking the field (datasets fills in None) or holding a number, list...
+        where = first_bad_row(cfg) or (f"row {row + 1} of {describe_source(cfg)}" if row is not None
+                                       else f"a row of {describe_source(cfg)}")
+        shown = "null" if text is None else f"{type(text).__name__} {str(text)[:40]!r}"
+        raise DataError(f"data.text_field: {where} has no text in '{cfg.text_field}' (found {shown}); fix or "
+                        f"remove that row, or set data.text_field to the column that holds the text")
+    return text
+
+
+def first_bad_row(cfg: DataConfig) -> str | None:
+    """Where, in file order, the first row of a files source without a string text field is ("line 3 of
+    'a.jsonl'"), or None when it cannot be told. `datasets` does not say which file an example came from, so
+    the files are read again, once, on this error path only."""
+    if cfg.source != "files":
+        return None
+    import fsspec
+
+    files, loader = resolve_files(cfg)
+    for file in files:
+        if loader == "json":
+            with fsspec.open(file, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        return None  # not JSON lines (one JSON document): no row numbers to give
+                    if not isinstance(row, dict) or not isinstance(row.get(cfg.text_field), str):
+                        return f"line {number} of '{file}'"
+        elif loader == "parquet":
+            import pyarrow.parquet as pq
+
+            number = 0
+            for batch in pq.ParquetFile(file).iter_batches(columns=[cfg.text_field]):
+                for value in batch.column(0).to_pylist():
+                    number += 1
+                    if not isinstance(value, str):
+                        return f"row {number} of '{file}'"
+    return None
 
 
 def _iter_source(cfg: DataConfig, split_name: str) -> Iterator[str]:
@@ -140,8 +179,8 @@ def _iter_source(cfg: DataConfig, split_name: str) -> Iterator[str]:
         raise DataError(f"data.source 'prepared': {cfg.path} holds token ids, not documents")
     else:
         with naming_source(cfg):
-            for example in load_source(cfg, split_name):
-                yield document_text(example, cfg)
+            for row, example in enumerate(load_source(cfg, split_name)):
+                yield document_text(example, cfg, row)
 
 
 def iter_documents(cfg: DataConfig, split: Split) -> Iterator[str]:
@@ -278,8 +317,11 @@ def read_prepared_meta(cfg: DataConfig, tokenizer) -> dict[str, Any]:
     """The prepared directory's meta.json, checked against the config and the tokenizer."""
     meta_path = Path(cfg.path) / PREPARED_META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"data.path: '{cfg.path}' has no {PREPARED_META}; write it with data/prepare.py")
-    meta = json.loads(meta_path.read_text())
+        raise DataError(f"data.path: '{cfg.path}' has no {PREPARED_META}; write it with data/prepare.py")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.path: {meta_path} cannot be read ({err})") from err
     for key in ("seq_len", "packing"):
         if meta[key] != getattr(cfg, key):
             raise DataError(f"data.{key}: {getattr(cfg, key)} but the prepared data in '{cfg.path}' "
@@ -296,9 +338,15 @@ def read_prepared_meta(cfg: DataConfig, tokenizer) -> dict[str, Any]:
 def load_prepared_blocks(cfg: DataConfig, tokenizer, split: Split) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (ids, lengths) shards of a prepared split, memory-mapped."""
     meta = read_prepared_meta(cfg, tokenizer)
-    return [(np.load(Path(cfg.path) / shard["ids"], mmap_mode="r"),
-             np.load(Path(cfg.path) / shard["lengths"], mmap_mode="r"))
-            for shard in meta["splits"][split]["shards"]]
+    blocks = []
+    for shard in meta["splits"][split]["shards"]:
+        try:
+            blocks.append((np.load(Path(cfg.path) / shard["ids"], mmap_mode="r"),
+                           np.load(Path(cfg.path) / shard["lengths"], mmap_mode="r")))
+        except (OSError, ValueError) as err:  # a missing or damaged shard
+            raise DataError(f"data.path: a shard of the prepared data in '{cfg.path}' cannot be read "
+                            f"({err})") from err
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,6 +400,10 @@ class MapStyleBatches(TrainBatches):
         if self.block_starts[-1] == 0:
             raise DataError("no training sequences: the training documents are empty or shorter than one "
                             "sequence (lower data.seq_len or add documents)")
+        if self.block_starts[-1] < batch_size * world_size:  # every batch would repeat sequences
+            raise DataError(f"only {self.block_starts[-1]} training sequences of data.seq_len {seq_len}, fewer "
+                            f"than one batch needs (train.batch_size {batch_size} x {world_size} ranks); add "
+                            f"documents, or lower train.batch_size or data.seq_len")
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self.position = rank  # next stream position of this rank within `epoch`
@@ -392,8 +444,8 @@ class MapStyleBatches(TrainBatches):
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("num_sequences", "seed", "world_size"):
             if int(state[key]) != getattr(self, key):
-                raise ValueError(f"data state: saved with {key}={int(state[key])}, now {getattr(self, key)}; "
-                                 f"the training data or run setup changed")
+                raise DataError(f"data state: saved with {key}={int(state[key])}, now {getattr(self, key)}; "
+                                f"the training data or run setup changed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -506,6 +558,17 @@ def build_train_batches(cfg: DataConfig, tokenizer, batch_size: int, seed: int, 
 # Evaluation batches
 
 
+def eval_hint(cfg: DataConfig) -> str:
+    """What to change when the held-out set is empty; only hub datasets have named splits to name."""
+    if cfg.source == "hub" and cfg.eval_split is None:
+        return "raise data.eval_fraction or set data.eval_split"
+    if cfg.source == "hub":
+        return f"data.eval_split '{cfg.eval_split}' holds no text; name another split"
+    if cfg.source == "prepared":
+        return f"the prepared data in '{cfg.path}' has no eval rows; write it again with data/prepare.py --eval-tokens"
+    return "raise data.eval_fraction or add documents"
+
+
 def iter_eval_sequences(cfg: DataConfig, tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, lengths) row blocks of the eval split in a fixed order; a packed tail is padded, not dropped."""
     if cfg.source == "prepared":
@@ -536,5 +599,5 @@ def eval_batches(cfg: DataConfig, tokenizer, batch_size: int, max_tokens: int) -
     batches of `batch_size` (the last one may be smaller). Deterministic."""
     ids, lengths = take_rows(iter_eval_sequences(cfg, tokenizer), max_tokens)
     if len(ids) == 0:
-        raise DataError("the eval split has no documents: raise data.eval_fraction or set data.eval_split")
+        raise DataError(f"the eval split has no documents: {eval_hint(cfg)}")
     return [make_batch(ids[i:i + batch_size], lengths[i:i + batch_size]) for i in range(0, len(ids), batch_size)]

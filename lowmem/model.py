@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
-from lowmem.config import ConfigError, ModelConfig, closest
+from lowmem.config import MODEL_SHAPE_KEYS, ConfigError, ModelConfig, closest
 from lowmem.quant_linear import apply_fake_quant
 
 # Shapes of the GaLore/Fira/OSD benchmark configs (vocab 32000, untied head, RMSNorm eps 1e-6, no biases).
@@ -22,11 +23,8 @@ MODEL_PRESETS: dict[str, dict] = {
 }
 
 PRESET_COMMON = dict(vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.02,
-                     hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                     bos_token_id=0, eos_token_id=1, pad_token_id=None)
-
-OVERRIDABLE = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-               "num_hidden_layers", "vocab_size", "max_position_embeddings")
+                     hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # set from the run's tokenizer
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int | None = None) -> LlamaConfig:
@@ -34,10 +32,10 @@ def llama_config(cfg: ModelConfig, vocab_size: int | None = None) -> LlamaConfig
     fields = dict(PRESET_COMMON, **MODEL_PRESETS[cfg.preset])
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size
-    fields.update({key: getattr(cfg, key) for key in OVERRIDABLE if getattr(cfg, key) is not None})
+    fields.update({key: getattr(cfg, key) for key in MODEL_SHAPE_KEYS if getattr(cfg, key) is not None})
     known = set(LlamaConfig().to_dict())
     for key in cfg.extra:
-        if key in OVERRIDABLE:
+        if key in MODEL_SHAPE_KEYS:
             raise ConfigError(f"model.extra.{key}: set model.{key} instead")
         if key not in known:
             raise ConfigError(f"model.extra.{key}: not a LlamaConfig field{closest(key, known)}")
@@ -65,14 +63,23 @@ def load_pretrained(name: str, loader, **kwargs):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+                dtype: torch.dtype = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None
+                ) -> PreTrainedModel:
     """A fresh preset model, or `cfg.pretrained` (local directory or hub name) loaded with its weights; with
-    `cfg.quant`, its target linears fake-quantized (the master weights keep `dtype`)."""
+    `cfg.quant`, its target linears fake-quantized (the master weights keep `dtype`).
+
+    A fresh model takes `tokenizer`'s eos/bos/pad ids into its config and generation config, so a saved
+    checkpoint's `generate` stops at the tokenizer's document end. A pretrained model keeps its own (they
+    belong to its own tokenizer, and may list several eos ids)."""
     if cfg.pretrained is not None:
         model = load_pretrained(cfg.pretrained, AutoModelForCausalLM, dtype=dtype)
     else:
         with torch.device(device):
             model = LlamaForCausalLM(llama_config(cfg, vocab_size)).to(dtype)
+        if tokenizer is not None:
+            for key in SPECIAL_TOKEN_IDS:
+                setattr(model.config, key, getattr(tokenizer, key))
+                setattr(model.generation_config, key, getattr(tokenizer, key))
     model.to(device)
     apply_fake_quant(model, cfg.quant)
     if cfg.activation_checkpointing:

@@ -32,6 +32,7 @@ import yaml
 
 from lowmem.config import (Config, ConfigError, apply_override, config_from_tree, deep_merge, from_dict,
                            read_yaml_tree)
+from lowmem.errors import TrainingDiverged
 from lowmem.metrics import read_metrics
 
 RESULT_FILE = "study_result.json"
@@ -107,23 +108,26 @@ def predicted_peak(config: Config) -> int:
     return plan_memory(config).total()
 
 
-def summarize(run_name: str, config: Config, seconds: float, diverged: Optional[str] = None) -> dict[str, Any]:
-    """The table row of a finished (or diverged) run, from its metrics."""
+def summarize(run_name: str, config: Config, seconds: float, diverged: Optional[TrainingDiverged] = None
+              ) -> dict[str, Any]:
+    """One table row, from the run's metrics. A diverged run has status `diverged`, the step and cause, and no
+    eval numbers; its memory columns are filled when it got past its first update."""
     records = read_metrics(config.run_dir) if (config.run_dir / "metrics.jsonl").exists() else []
     memory = next((r for r in records if r.get("event") == "memory"), {})
-    evals = [r for r in records if "eval_loss" in r]
+    evals = [r for r in records if r.get("eval_loss") is not None] if diverged is None else []
     steps = [r for r in records if "loss" in r]
     speeds = [r["tokens_per_s"] for r in steps if r.get("tokens_per_s")]
     cuda = [r["cuda_peak_allocated_bytes"] for r in records if "cuda_peak_allocated_bytes" in r]
     norms = [r["grad_norm"] for r in steps if r.get("grad_norm") is not None]
-    finished = diverged is None and bool(evals)
+    last = evals[-1] if evals else {}
     return {
         "run": run_name,
         "optimizer": config.optimizer.name,
         "lr": config.optimizer.lr,
-        "status": "finished" if finished else f"diverged: {diverged}",
-        "eval_loss": round(evals[-1]["eval_loss"], 4) if finished else None,
-        "eval_ppl": round(evals[-1]["eval_ppl"], 3) if finished else None,
+        "status": "diverged" if diverged else "ok",
+        "step": diverged.step if diverged else last.get("step"),
+        "eval_loss": round(last["eval_loss"], 4) if last else None,
+        "eval_ppl": round(last["eval_ppl"], 3) if last else None,
         "optimizer_state_MiB": round(memory["optimizer_state_bytes"] / MIB, 3) if memory else None,
         "params_MiB": round(memory["params_bytes"] / MIB, 3) if memory else None,
         "peak_memory_MiB": round(predicted_peak(config) / MIB, 1),
@@ -132,6 +136,7 @@ def summarize(run_name: str, config: Config, seconds: float, diverged: Optional[
         "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
         "max_grad_norm": round(max(norms), 3) if norms else None,  # of the logged updates
         "wall_s": round(seconds, 1),
+        "cause": diverged.cause if diverged else "",
     }
 
 
@@ -254,14 +259,15 @@ def _config_key(config: Config) -> dict:
 
 def run_one(run_name: str, config: Config) -> dict:
     """Train one run (continuing an interrupted one) and return its row; a diverged run is a row too."""
-    from lowmem.trainer import Trainer, TrainingDiverged
+    from lowmem.trainer import Trainer
 
     start = time.perf_counter()
     diverged = None
     try:
         Trainer(config).fit()
     except TrainingDiverged as err:
-        diverged = str(err)
+        print(f"{run_name} diverged: {err}; the study goes on", file=sys.stderr)
+        diverged = err
     row = summarize(run_name, config, time.perf_counter() - start, diverged)
     (config.run_dir / RESULT_FILE).write_text(json.dumps({"row": row, "config": _config_key(config)}))
     return row

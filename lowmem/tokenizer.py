@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from lowmem.config import ConfigError, BPEConfig, DataConfig, TokenizerConfig
 from lowmem.data import iter_documents, prepared_tokenizer_dir
+from lowmem.errors import CheckpointError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -34,9 +35,13 @@ def build_tokenizer(cfg: TokenizerConfig, data_cfg: DataConfig,
     training documents (`cfg.train_bpe`).
     """
     if saved_dir is not None and holds_tokenizer(saved_dir):
-        tokenizer = AutoTokenizer.from_pretrained(str(saved_dir))
+        tokenizer = load_saved_tokenizer(saved_dir)
     elif data_cfg.source == "prepared":
-        tokenizer = AutoTokenizer.from_pretrained(str(prepared_tokenizer_dir(data_cfg)))
+        directory = prepared_tokenizer_dir(data_cfg)
+        if not holds_tokenizer(directory):
+            raise DataError(f"data.path: '{data_cfg.path}' has no tokenizer in {directory} (its ids are fixed in "
+                            "the shards); write the directory with data/prepare.py, which saves it there")
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
     elif cfg.name is not None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.name)
@@ -48,6 +53,15 @@ def build_tokenizer(cfg: TokenizerConfig, data_cfg: DataConfig,
     else:
         raise ValueError("tokenizer: set tokenizer.name or tokenizer.train_bpe")
     return ensure_special_tokens(tokenizer)
+
+
+def load_saved_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a checkpoint saved in `directory`; CheckpointError naming it when it cannot be read."""
+    try:
+        return ensure_special_tokens(AutoTokenizer.from_pretrained(str(directory)))
+    except Exception as err:  # a damaged tokenizer file fails in many ways (KeyError, JSON, Unicode...)
+        raise CheckpointError(f"checkpoint '{Path(directory).parent}': its tokenizer cannot be read "
+                              f"({type(err).__name__}: {str(err).strip()[:200]})") from err
 
 
 def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

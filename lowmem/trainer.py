@@ -1,7 +1,8 @@
 """The training loop: accumulation, clipping, schedule, precision, evaluation, checkpoints, metrics.
 
-Read top to bottom: `Trainer.__init__` builds every component from the config (or restores them from a
-checkpoint), `fit` runs updates until the token/step budget is spent.
+Read top to bottom: `Trainer.__init__` locks the run directory and builds every component from the config (or
+restores them from a checkpoint), `fit` runs updates until the token/step budget is spent or a signal asks it
+to stop.
 """
 from __future__ import annotations
 
@@ -18,20 +19,19 @@ from tqdm.auto import tqdm
 
 from lowmem import checkpoint as ckpt
 from lowmem.config import Config, ConfigError
-from lowmem.data import build_train_batches, eval_batches
+from lowmem.data import build_train_batches, eval_batches, eval_hint
+from lowmem.errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
 from lowmem.memory import format_memory_table, memory_report, state_versus_adamw
 from lowmem.metrics import MetricsLog
 from lowmem.model import build_meta_model, build_model, count_parameters
 from lowmem.optim import build_optimizer
 from lowmem.optim.groups import check_options_against_model
 from lowmem.optim.in_backward import UpdateInBackward
+from lowmem.rundir import RunLock, StopOnSignal
 from lowmem.schedule import build_scheduler
-from lowmem.tokenizer import build_tokenizer
+from lowmem.tokenizer import build_tokenizer, holds_tokenizer, load_saved_tokenizer
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm stopped being finite; the last good checkpoint is left as it was."""
-
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted"]
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16_autocast": torch.float32, "bf16": torch.bfloat16}
 
@@ -78,24 +78,34 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class Trainer:
+    """One run in one run directory, which it locks from construction until `fit` returns (or `close`)."""
+
     def __init__(self, config: Config):
         self.config = config
-        cfg = config
-        self.run_dir = cfg.run_dir
-        self.device = pick_device(cfg.train.device)
-        self.resume_from = self._find_resume_checkpoint()
-        # Held only until restored below: it holds a full copy of the optimizer state.
-        resume_state = ckpt.load_state(self.resume_from) if self.resume_from else None
-        if resume_state is not None:
-            check_resume_config(resume_state["config"], cfg.to_dict(), self.resume_from)
+        self.run_dir = config.run_dir
+        self.device = pick_device(config.train.device)
+        self._lock = RunLock(self.run_dir)
+        self._lock.acquire()  # first: a busy or unusable run directory fails before any work
+        try:
+            self._build()
+        except BaseException:
+            self._lock.release(discard=True)
+            raise
+
+    def _build(self) -> None:
+        cfg = self.config
+        # The state is held only until restored below: it holds a full copy of the optimizer state.
+        self.resume_from, resume_state = self._find_resume_checkpoint() or (None, None)
         torch.manual_seed(cfg.run.seed)
 
-        self._check_against_model()
+        embedding_rows = self._check_against_model()
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data,
                                          saved_dir=self.resume_from / "model" if self.resume_from else None)
+        self._check_vocabulary(embedding_rows)
         vocab_size = cfg.model.vocab_size or len(self.tokenizer)
 
-        self.model = build_model(cfg.model, vocab_size, self.device, PARAM_DTYPES[cfg.train.precision])
+        self.model = build_model(cfg.model, vocab_size, self.device, PARAM_DTYPES[cfg.train.precision],
+                                 tokenizer=self.tokenizer)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.warmup_steps,
@@ -110,35 +120,80 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from, resume_state)
             del resume_state
+            moved = ckpt.set_aside_newer(self.run_dir, self.step)
+            if moved is not None:
+                print(f"moved the checkpoints after step {self.step} (a run this one replaces, or ones that "
+                      f"cannot be loaded) to {moved}")
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard,
                                   resume_step=self.step if self.resume_from else None)
 
     # -- construction helpers ------------------------------------------------------------------------------
 
-    def _find_resume_checkpoint(self) -> Path | None:
+    def _find_resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from and its state, or None for a fresh run. `auto` takes the newest
+        checkpoint that loads, warning about each newer one that does not."""
         resume = self.config.checkpoint.resume
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.run_dir)  # None: nothing to resume, start fresh
-        if resume is not None:
-            return Path(resume)
-        if ckpt.list_checkpoints(self.run_dir):
-            raise ConfigError(f"run.name: '{self.run_dir}' already holds checkpoints of another run; set "
-                              "checkpoint.resume=auto to continue it, or choose another run.name")
-        return None
+        if resume is None:
+            if ckpt.list_checkpoints(self.run_dir):
+                raise ConfigError(f"run.name: '{self.run_dir}' already holds checkpoints of another run; set "
+                                  "checkpoint.resume=auto to continue it, or choose another run.name")
+            return None
+        if resume != "auto":
+            try:
+                return Path(resume), self._load_resume_state(Path(resume))
+            except CheckpointError as err:
+                raise CheckpointError(f"checkpoint.resume: {err}") from err
+        candidates = ckpt.list_checkpoints(self.run_dir)
+        for path in reversed(candidates):
+            try:
+                return path, self._load_resume_state(path)
+            except CheckpointError as err:
+                then = "falling back to the checkpoint before it" if path != candidates[0] else "no older one left"
+                print(f"warning: {err}; {then}", file=sys.stderr)
+        if candidates:
+            raise CheckpointError(f"checkpoint.resume: none of the {len(candidates)} checkpoints in "
+                                  f"{ckpt.checkpoint_dir(self.run_dir)} can be loaded (see the warnings above); "
+                                  "move them aside to start the run afresh")
+        return None  # nothing to resume: start fresh
 
-    def _check_against_model(self) -> None:
+    def _load_resume_state(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's state, once its config matches and its weights and tokenizer load (CheckpointError
+        naming it otherwise); the weights are read again when restored."""
+        state = ckpt.load_state(path)
+        check_resume_config(state["config"], self.config.to_dict(), path)
+        ckpt.check_weights(path)
+        if holds_tokenizer(path / "model"):
+            load_saved_tokenizer(path / "model")
+        return state
+
+    def _check_against_model(self) -> int | None:
         """Fail on impossible values (rank > a matrix side, sequences longer than the model's positions) before
         the tokenizer or any weight is built. The projected weights' shapes do not depend on the vocabulary,
-        so a placeholder size serves."""
+        so a placeholder size serves. Returns a pretrained model's embedding rows."""
         meta = build_meta_model(self.config.model, self.config.model.vocab_size or 32000)
         check_options_against_model(meta, self.config.optimizer)
         max_positions = meta.config.max_position_embeddings
         if self.config.data.seq_len > max_positions:
             raise ConfigError(f"data.seq_len: {self.config.data.seq_len} exceeds the model's "
                               f"max_position_embeddings {max_positions}")
+        return meta.get_input_embeddings().num_embeddings if self.config.model.pretrained else None
+
+    def _check_vocabulary(self, embedding_rows: int | None) -> None:
+        """Every token id must index a row of the embedding (an id past it crashes the first forward, with a
+        device assert on CUDA)."""
+        cfg, size = self.config, len(self.tokenizer)
+        if embedding_rows is not None and size > embedding_rows:
+            source = (f"the prepared data's tokenizer ({cfg.data.path})" if cfg.data.source == "prepared"
+                      else f"tokenizer.name '{cfg.tokenizer.name}'")
+            raise ConfigError(f"tokenizer: {source} has {size} tokens but the pretrained model "
+                              f"'{cfg.model.pretrained}' has {embedding_rows} embedding rows; leave tokenizer.name "
+                              "unset to use the model's own tokenizer, or name one that fits")
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {size} "
+                              f"tokens; leave model.vocab_size unset (the tokenizer's size) or set it to at "
+                              f"least {size}")
 
     def _total_steps(self) -> int:
         t, d = self.config.train, self.config.data
@@ -167,8 +222,24 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Write a checkpoint of this step, unless a weight or an optimizer state tensor is not finite: then
+        raise TrainingDiverged, so a checkpoint on disk is always one a run can continue from."""
+        names = {p: name for name, p in self.model.named_parameters()}
+        tensors = list(self.model.named_parameters())
+        tensors += [(f"optimizer state '{key}' of {names.get(p, 'a weight')}", value)
+                    for p, state in self.optimizer.state.items() for key, value in state.items()
+                    if isinstance(value, torch.Tensor)]
+        bad = ckpt.non_finite(tensors)
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TrainingDiverged(f"non-finite values in {shown}", self.step)
         return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.training_state(),
                                     self.config.checkpoint.keep_last)
+
+    def close(self) -> None:
+        """End the run's hold on its directory (fit does this when it returns)."""
+        self.metrics.close()
+        self._lock.release()
 
     # -- one update ----------------------------------------------------------------------------------------
 
@@ -192,15 +263,21 @@ class Trainer:
                 loss = self.model(**batch, num_items_in_batch=num_items).loss
             loss.backward()
             loss_sum += loss.item()
+        if self.in_backward is not None:
+            self.in_backward.finish()
         if not math.isfinite(loss_sum):
-            raise TrainingDiverged(f"loss became {loss_sum} at step {self.step + 1}")
+            raise TrainingDiverged(f"loss became {loss_sum}", self.step + 1)
 
         grad_norm = None
-        if self.in_backward is None:
+        if self.in_backward is not None:
+            if self.in_backward.non_finite is not None:  # it was not applied
+                raise TrainingDiverged(f"the gradient of {self.in_backward.non_finite} became non-finite",
+                                       self.step + 1)
+        else:
             clip = self.config.train.grad_clip or float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
             if not math.isfinite(grad_norm):
-                raise TrainingDiverged(f"gradient norm became {grad_norm} at step {self.step + 1}")
+                raise TrainingDiverged(f"gradient norm became {grad_norm}", self.step + 1)
             self.optimizer.step()
         if self.step == 0 and self.resume_from is None:
             self._log_memory()  # optimizer state exists only after the first update; gradients still held
@@ -225,15 +302,24 @@ class Trainer:
                 total += float(self.model(**batch, num_items_in_batch=one).loss)
             count += target_tokens(batch)
         if count == 0:
-            raise ConfigError("train.eval_tokens: the held-out set has no target tokens; check data.eval_fraction "
-                              "or data.eval_split")
+            raise DataError(f"train.eval_tokens: the held-out set has no target tokens; {eval_hint(self.config.data)}")
         loss = total / count
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
     # -- the loop ------------------------------------------------------------------------------------------
 
     def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
-        """Train to the configured budget (or until `stop_at_step`, to simulate an interruption)."""
+        """Train to the configured budget (or until `stop_at_step`, to simulate an interruption).
+
+        On SIGINT or SIGTERM the current update is finished, a checkpoint written and TrainingInterrupted
+        raised; a second signal raises KeyboardInterrupt at once. The run directory is unlocked on return."""
+        self._lock.acquire()  # a second fit() of this trainer takes it again
+        try:
+            return self._fit(stop_at_step)
+        finally:
+            self.close()
+
+    def _fit(self, stop_at_step: int | None) -> dict[str, Any]:
         cfg = self.config
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         counts = count_parameters(self.model)
@@ -248,33 +334,37 @@ class Trainer:
         progress = tqdm(total=end, initial=self.step, disable=not cfg.log.progress, dynamic_ncols=True)
         last: dict[str, Any] = {}
         window_start, window_tokens = time.perf_counter(), 0
-        try:
-            while self.step < end:
-                record = self.train_step([next(batches) for _ in range(cfg.train.grad_accum)])
-                window_tokens += cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-                evaluate_now = ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
-                                or self.step == self.total_steps)
-                log_now = self.step % cfg.train.log_every == 0 or self.step == end or evaluate_now
-                if log_now:
-                    record.update(step=self.step, tokens=self.tokens_seen,
-                                  tokens_per_s=window_tokens / (time.perf_counter() - window_start))
-                    if evaluate_now:
-                        record.update(self.evaluate())
-                    if self.device.type == "cuda":  # the peak of this logging window, eval included
-                        record["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-                        torch.cuda.reset_peak_memory_stats(self.device)
-                    self.metrics.log(record)
-                    last = record
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                         tok_s=f"{record['tokens_per_s']:.0f}")
-                progress.update(1)
-                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == self.total_steps:
-                    self.save()
-                if log_now:  # the next timing window starts after this step's eval and save
-                    window_start, window_tokens = time.perf_counter(), 0
-        finally:
-            progress.close()
-            self.metrics.close()
+        with StopOnSignal() as stop:
+            try:
+                while self.step < end:
+                    record = self.train_step([next(batches) for _ in range(cfg.train.grad_accum)])
+                    window_tokens += cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+                    evaluate_now = ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                                    or self.step == self.total_steps)
+                    log_now = self.step % cfg.train.log_every == 0 or self.step == end or evaluate_now
+                    if log_now:
+                        record.update(step=self.step, tokens=self.tokens_seen,
+                                      tokens_per_s=window_tokens / (time.perf_counter() - window_start))
+                        if evaluate_now:
+                            record.update(self.evaluate())
+                        if self.device.type == "cuda":  # the peak of this logging window, eval included
+                            record["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+                            torch.cuda.reset_peak_memory_stats(self.device)
+                        self.metrics.log(record)
+                        last = record
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                             tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.update(1)
+                    saved = None
+                    if ((cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                            or self.step == self.total_steps):
+                        saved = self.save()
+                    if stop.signum is not None and self.step < self.total_steps:
+                        raise TrainingInterrupted(stop.signum, self.step, saved or self.save())
+                    if log_now:  # the next timing window starts after this step's eval and save
+                        window_start, window_tokens = time.perf_counter(), 0
+            finally:
+                progress.close()
         return last
 
     def _log_memory(self) -> None:

@@ -38,6 +38,11 @@ def make_config():
 
 
 def build_tiny_config(tmp_path, corpus, *overrides):
+    return load_config(write_tiny_config(tmp_path, corpus), list(overrides))
+
+
+def write_tiny_config(tmp_path, corpus):
+    """Writes tmp_path/config.yaml, the tiny run's config, and returns its path."""
     base = {
         "run": {"name": "t", "out_dir": str(tmp_path / "runs"), "seed": 3},
         "model": {"preset": "llama_9m", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -53,6 +58,6 @@ def build_tiny_config(tmp_path, corpus, *overrides):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(base))
-    return load_config(path, list(overrides))
+    return path
 
 

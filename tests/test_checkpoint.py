@@ -11,10 +11,15 @@ def tiny_model(seed: int) -> LlamaForCausalLM:
                                         num_hidden_layers=1, vocab_size=30))
 
 
+def state_of(step: int, **extra) -> dict:
+    """A training state with every part a checkpoint must hold (contents do not matter here)."""
+    return {**{key: {} for key in ckpt.STATE_KEYS}, "trainer": {"step": step}, **extra}
+
+
 def test_save_load_round_trip_and_keep_last(tmp_path):
     for step in (1, 2, 3):
         model = tiny_model(step)
-        ckpt.save_checkpoint(tmp_path, step, model, None, {"trainer": {"step": step}, "t": torch.arange(step)},
+        ckpt.save_checkpoint(tmp_path, step, model, None, state_of(step, t=torch.arange(step)),
                              keep_last=2)
     found = ckpt.list_checkpoints(tmp_path)
     assert [p.name for p in found] == ["step_00000002", "step_00000003"]
@@ -30,14 +35,14 @@ def test_save_load_round_trip_and_keep_last(tmp_path):
 
 
 def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    ckpt.save_checkpoint(tmp_path, 5, tiny_model(5), None, {"trainer": {"step": 5}}, keep_last=1)
+    ckpt.save_checkpoint(tmp_path, 5, tiny_model(5), None, state_of(5), keep_last=1)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(tmp_path, 6, tiny_model(6), None, {"trainer": {"step": 6}}, keep_last=1)
+        ckpt.save_checkpoint(tmp_path, 6, tiny_model(6), None, state_of(6), keep_last=1)
     monkeypatch.undo()
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "step_00000005"
@@ -46,11 +51,48 @@ def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeyp
     ckpt.load_model_weights(restored, latest)
     assert torch.equal(restored.lm_head.weight, tiny_model(5).lm_head.weight)
     # The next successful save cleans the half-written directory and rotates normally.
-    ckpt.save_checkpoint(tmp_path, 6, tiny_model(6), None, {"trainer": {"step": 6}}, keep_last=1)
+    ckpt.save_checkpoint(tmp_path, 6, tiny_model(6), None, state_of(6), keep_last=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000006"]
 
 
 def test_incomplete_checkpoint_is_reported(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="state.pt"):
+    with pytest.raises(ckpt.CheckpointError, match="state.pt"):
         ckpt.load_state(tmp_path / "empty")
+
+
+def test_last_good_checkpoint_skips_unreadable_and_non_finite_ones(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model(step), None, state_of(step), keep_last=3)
+    first, second, third = ckpt.list_checkpoints(tmp_path)
+    assert ckpt.last_good_checkpoint(tmp_path) == third
+    (third / "state.pt").write_bytes(b"garbage")
+    assert ckpt.last_good_checkpoint(tmp_path) == second
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000003': state.pt cannot be read"):
+        ckpt.verify_checkpoint(third)
+    bad = tiny_model(2)
+    with torch.no_grad():
+        bad.lm_head.weight[1, 1] = float("nan")
+    bad.save_pretrained(second / "model")  # what a checkpoint of a diverged run would hold
+    with pytest.raises(ckpt.CheckpointError, match="non-finite weights in lm_head.weight"):
+        ckpt.verify_checkpoint(second)
+    assert ckpt.last_good_checkpoint(tmp_path) == first
+
+
+def test_keep_last_never_counts_a_checkpoint_of_a_later_step(tmp_path):
+    """A checkpoint numbered after the one being written belongs to another history: it can neither push the
+    new one out nor be kept instead of it."""
+    ckpt.save_checkpoint(tmp_path, 9, tiny_model(9), None, state_of(9), keep_last=1)
+    for step in (3, 6):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model(step), None, state_of(step), keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000006", "step_00000009"]
+    moved = ckpt.set_aside_newer(tmp_path, 6)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000006"]
+    assert [p.name for p in moved.iterdir()] == ["step_00000009"]
+    assert ckpt.set_aside_newer(tmp_path, 6) is None
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    for step in (99_999_999, 100_000_000):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model(1), None, state_of(step), keep_last=2)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_100000000"

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,33 @@ def test_impossible_values_name_the_key(tmp_path, override, key):
     base = write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"}})
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(base, [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer.lr=.inf", "optimizer.lr"),
+    ("optimizer.lr=-.inf", "optimizer.lr"),
+    ("optimizer.weight_decay=.nan", "optimizer.weight_decay"),
+    ("optimizer.eps=nan", "optimizer.eps"),
+    ("optimizer.betas=[0.9, .nan]", "optimizer.betas[1]"),
+    ("optimizer.scale=.inf", "optimizer.scale"),  # an option of the projection optimizers only
+    ("train.min_lr_ratio=.nan", "train.min_lr_ratio"),
+    ("data.eval_fraction=.nan", "data.eval_fraction"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, override, key):
+    base = write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"}})
+    overrides = ["optimizer.name=galore", override] if override.startswith("optimizer.scale") else [override]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: must be a finite number"):
+        load_config(base, overrides)
+
+
+def test_a_pretrained_model_brings_its_own_tokenizer_and_refuses_a_fresh_bpe(tmp_path):
+    base = write(tmp_path / "c.yaml", {"model": {"pretrained": "some/model"}})
+    assert load_config(base).tokenizer.name == "some/model"
+    assert load_config(base, ["tokenizer.name=other/tokenizer"]).tokenizer.name == "other/tokenizer"
+    with pytest.raises(ConfigError, match=r"tokenizer.train_bpe: .* set tokenizer.train_bpe=null"):
+        load_config(base, ["tokenizer.train_bpe={vocab_size: 4096}"])
+    with pytest.raises(ConfigError, match=r"^model.vocab_size: a pretrained model .* \(model.vocab_size=null\)"):
+        load_config(base, ["model.vocab_size=4096"])
 
 
 def test_missing_files_are_named(tmp_path):

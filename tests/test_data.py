@@ -371,7 +371,7 @@ def test_prepared_rejects_other_seq_len_or_tokenizer(tmp_path, text_dir, tokeniz
 
 
 def test_glob_matching_nothing_names_the_pattern(tmp_path, tokenizer):
-    with pytest.raises(FileNotFoundError, match="nothing-here"):
+    with pytest.raises(DataError, match="nothing-here"):
         list(iter_documents(files_config(tmp_path, "nothing-here/*.txt"), "train"))
 
 
@@ -396,3 +396,15 @@ def test_mixed_formats_are_an_error(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(ValueError, match="mixed formats"):
         list(iter_documents(files_config(tmp_path, "*"), "train"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_parquet_row_without_text_names_the_file_and_row(tmp_path, tokenizer, streaming):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first document", "second document"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["third document", None]}), tmp_path / "b.parquet")
+    cfg = files_config(tmp_path, "*.parquet", streaming=streaming)
+    with pytest.raises(DataError, match=r"data.text_field: row 2 of '.*b.parquet' has no text in 'text' \(found null"):
+        list(iter_documents(cfg, "train"))

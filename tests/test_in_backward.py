@@ -61,3 +61,60 @@ def test_in_backward_with_accumulation_equals_step_after_accumulation(options):
     in_backward.remove()
     loss_of(model, batches[0]).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class SideNet(TinyNet):
+    """TinyNet with a `side` layer that only some micro-batches use."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = torch.nn.Linear(12, 12)
+
+    def forward(self, tokens, use_side=False):
+        hidden = self.embed(tokens)
+        return self.head(self.norm(self.mlp(self.side(hidden) if use_side else hidden)))
+
+
+@pytest.mark.parametrize("options", [OptimizerOptions(lr=1e-2), GaloreOptions(rank=4, update_gap=2)],
+                         ids=["adamw", "galore"])
+def test_a_weight_only_earlier_micro_batches_reach_is_still_updated(options):
+    """The last micro-batch's backward never reaches `side`, so its hook does not fire then: finish() steps it."""
+    torch.manual_seed(0)
+    reference = SideNet()
+    model = copy.deepcopy(reference)
+    ref_opt = build_optimizer(reference, options)
+    in_backward = UpdateInBackward(build_optimizer(model, options))
+    for update in range(3):
+        batches = micro_batches(update)
+        for i, tokens in enumerate(batches):
+            logits = reference(tokens[:, :-1], use_side=i == 0)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, 16), tokens[:, 1:].reshape(-1)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for i, tokens in enumerate(batches):
+            in_backward.arm(i == len(batches) - 1)
+            logits = model(tokens[:, :-1], use_side=i == 0)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, 16), tokens[:, 1:].reshape(-1)).backward()
+        in_backward.finish()
+        assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(model.side.weight, SideNet().side.weight)  # it moved
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_non_finite_gradient_is_not_applied_and_is_named():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = build_optimizer(model, OptimizerOptions(lr=1e-2))
+    in_backward = UpdateInBackward(opt)
+    before = copy.deepcopy(model.state_dict())
+    model.norm.weight.register_hook(lambda grad: grad * float("nan"))  # reached before the mlp in backward
+    in_backward.arm(True)
+    loss_of(model, micro_batches(0)[0]).backward()
+    in_backward.finish()
+    assert in_backward.non_finite == "norm.weight"
+    assert all(p.grad is None for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.isfinite(value).all(), name
+        if not name.startswith("head"):  # the head's gradient comes first, and is finite: it was applied
+            assert torch.equal(value, before[name]), name
