@@ -26,7 +26,7 @@ from lowmem.errors import CheckpointError
 CHECKPOINT_PREFIX = "step_"
 TEMP_PREFIX = ".tmp-"
 ABANDONED_PREFIX = "abandoned-"
-STATE_KEYS = ("optimizer", "scheduler", "data", "rng", "trainer", "config")
+STATE_KEYS = ("optimizer", "scheduler", "data_ranks", "rng", "trainer", "config")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

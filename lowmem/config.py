@@ -105,8 +105,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch (per rank)
     grad_accum: int = 1
+    # sequences per update over every rank; when set, grad_accum = global / (batch_size x ranks), so the same
+    # run resumes on another number of ranks with the same updates
+    global_batch_size: Optional[int] = None
     max_steps: int = 100  # optimizer updates
     max_tokens: Optional[int] = None  # tokens processed (updates x grad_accum x batch x seq_len); overrides max_steps
     warmup_steps: int = 10
@@ -135,6 +138,17 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # auto: none on one process; under a launcher (torchrun, deepspeed, accelerate launch) ddp, or deepspeed
+    # when accelerate was configured for it
+    backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
+    zero_stage: int = 2  # DeepSpeed: 0, 1 or 2 for every optimizer; 3 for element-wise ones (adamw, ...)
+    gradient_sync: Literal["full", "projected"] = "full"  # ddp: all-reduce G, or R = P^T G (lowmem.distributed)
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON for any other setting (offload, buckets, ...)
+    timeout_s: float = 600.0  # a collective waiting longer ends the run on every rank
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +158,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -461,3 +476,32 @@ def validate(config: Config) -> None:
         _require(t.grad_clip == 0.0,
                  "optimizer.update_in_backward: global gradient clipping needs every gradient at once; "
                  "set train.grad_clip=0 to update in backward")
+    _validate_distributed(config)
+
+
+def _validate_distributed(config: Config) -> None:
+    """The distributed settings that can be judged from the config alone (the launcher's world size and
+    DeepSpeed's JSON are checked when the run starts: lowmem.distributed.runtime)."""
+    d, t = config.distributed, config.train
+    _require(d.zero_stage in (0, 1, 2, 3), f"distributed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage}")
+    _require(d.timeout_s > 0, f"distributed.timeout_s: must be positive, got {d.timeout_s}")
+    _require(t.global_batch_size is None or t.global_batch_size >= 1,
+             f"train.global_batch_size: must be at least 1, got {t.global_batch_size}")
+    _require(t.global_batch_size is None or t.grad_accum == 1,
+             f"train.grad_accum: {t.grad_accum} set together with train.global_batch_size; leave grad_accum at 1, "
+             f"it is derived (global_batch_size / (batch_size x ranks))")
+    if d.deepspeed_config is not None:
+        _require(Path(d.deepspeed_config).is_file(),
+                 f"distributed.deepspeed_config: file '{d.deepspeed_config}' not found")
+    if d.backend in ("none",) and d.gradient_sync != "full":
+        raise ConfigError("distributed.gradient_sync: applies to the ddp backend; distributed.backend is 'none'")
+    if d.gradient_sync == "projected":
+        from lowmem.distributed.gradient_sync import check_projected_sync
+
+        check_projected_sync(config.optimizer)
+        _require(t.grad_clip == 0.0, "distributed.gradient_sync: 'projected' leaves the whole gradient unknown on "
+                                     "each rank, so its global norm cannot be clipped; set train.grad_clip=0")
+    if config.optimizer.update_in_backward and d.backend in ("ddp", "deepspeed"):
+        raise ConfigError(f"optimizer.update_in_backward: steps each weight during backward, before "
+                          f"{d.backend} has averaged its gradient over the ranks; set it to false to train on "
+                          f"several ranks")

@@ -385,6 +385,14 @@ class TrainBatches(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def restore(self, states: list[dict[str, Any]]) -> None:
+        """Continue from the states of every rank of a run that may have had another number of ranks (states[i]
+        is rank i's)."""
+        if len(states) != self.world_size:
+            raise DataError(f"data.streaming: a streamed dataset continues only on the number of ranks it was "
+                            f"saved with ({len(states)}), now {self.world_size}; resume on {len(states)} ranks")
+        self.load_state_dict(states[self.rank])
+
 
 class MapStyleBatches(TrainBatches):
     """Batches from sequences held in (ids, lengths) blocks (in memory or memory-mapped shards).
@@ -448,6 +456,16 @@ class MapStyleBatches(TrainBatches):
                                 f"the training data or run setup changed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def restore(self, states: list[dict[str, int]]) -> None:
+        """Any number of ranks: rank 0's next position is the count of sequences every rank has taken in its
+        epoch, so rank r continues at that count + r."""
+        state = states[0]
+        for key in ("num_sequences", "seed"):
+            if int(state[key]) != getattr(self, key):
+                raise DataError(f"data state: saved with {key}={int(state[key])}, now {getattr(self, key)}; "
+                                f"the training data or run setup changed")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"]) + self.rank
+
 
 class _EmptyShuffleBufferWarningFilter(logging.Filter):
     """Drops datasets' warning that a resumed shuffle buffer lost its content: ours (size 1) is always empty
@@ -474,6 +492,7 @@ class StreamingBatches(TrainBatches):
         stream = load_source(cfg, cfg.split)
         if cfg.eval_split is None:
             stream = stream.filter(lambda example: not is_held_out(document_text(example, cfg), cfg.eval_fraction))
+        self.rank, self.world_size = rank, world_size
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         self.builder = sequence_builder(cfg, tokenizer)
         self.epoch = 0

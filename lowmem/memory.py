@@ -39,6 +39,16 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def format_rank_table(reports: list[dict[str, int]]) -> str:
+    """One row per key, one column per rank."""
+    keys = list(dict.fromkeys(k for r in reports for k in r))
+    width = max(len(k) for k in keys) - len("_bytes")
+    head = f"  {'':<{width}}" + "".join(f"  {'rank ' + str(i):>12}" for i in range(len(reports)))
+    rows = [f"  {k.removesuffix('_bytes').replace('_', ' '):<{width}}"
+            + "".join(f"  {format_bytes(r[k]) if k in r else '-':>12}" for r in reports) for k in keys]
+    return "\n".join([head] + rows)
+
+
 def format_memory_table(report: dict[str, int]) -> str:
     rows = [(key.removesuffix("_bytes").replace("_", " "), format_bytes(value)) for key, value in report.items()]
     width = max(len(name) for name, _ in rows)

@@ -8,14 +8,19 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None):
-        """A fresh run (`resume_step` None) starts an empty log; a resumed one keeps records up to its step."""
+    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None,
+                 enabled: bool = True):
+        """A fresh run (`resume_step` None) starts an empty log; a resumed one keeps records up to its step.
+        Disabled (ranks other than 0), it writes nothing."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
             self._truncate_after(resume_step)
-        self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -30,6 +35,8 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record; a NaN or infinite number is written as null, so every line is strict JSON."""
+        if not self.enabled:
+            return
         record = {key: strict_json(value) for key, value in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,8 +22,10 @@ from tqdm.auto import tqdm
 from lowmem import checkpoint as ckpt
 from lowmem.config import Config, ConfigError
 from lowmem.data import build_train_batches, eval_batches, eval_hint
+from lowmem.distributed import launch
+from lowmem.distributed.runtime import RUNTIMES
 from lowmem.errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
-from lowmem.memory import format_memory_table, memory_report, state_versus_adamw
+from lowmem.memory import format_memory_table, format_rank_table, memory_report, state_versus_adamw
 from lowmem.metrics import MetricsLog
 from lowmem.model import build_meta_model, build_model, count_parameters
 from lowmem.optim import build_optimizer
@@ -38,7 +42,7 @@ PARAM_DTYPES = {"fp32": torch.float32, "bf16_autocast": torch.float32, "bf16": t
 
 # Keys a resumed run may change; any other difference from the checkpoint's config is refused.
 RESUMABLE_CHANGES = ("run.out_dir", "checkpoint.", "log.", "train.max_steps", "train.max_tokens", "train.eval_every",
-                     "train.eval_tokens", "train.eval_batch_size", "train.log_every", "train.device")
+                     "train.eval_tokens", "train.eval_batch_size", "train.log_every", "train.device", "distributed.")
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,14 +82,24 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class Trainer:
-    """One run in one run directory, which it locks from construction until `fit` returns (or `close`)."""
+    """One run in one run directory, which it locks from construction until `fit` returns (or `close`).
+
+    Under a launcher (torchrun, deepspeed, accelerate launch) every rank builds a Trainer: each reads its own
+    shard of the data, the backend (lowmem.distributed.runtime) averages the gradients, and only rank 0 locks
+    the run directory, prints, logs metrics and writes checkpoints."""
 
     def __init__(self, config: Config):
         self.config = config
         self.run_dir = config.run_dir
-        self.device = pick_device(config.train.device)
+        _, local_rank, _ = launch.launcher_world()
+        self.device = pick_device(launch.device_for(config.train.device, local_rank))
+        self.dist = launch.init(config.distributed.backend, config.distributed.timeout_s, self.device)
+        if not self.dist.is_main:  # only rank 0 speaks; errors still reach stderr
+            sys.stdout = open(os.devnull, "w")
+        self.runtime = RUNTIMES[self.dist.backend](self.dist, config)
         self._lock = RunLock(self.run_dir)
-        self._lock.acquire()  # first: a busy or unusable run directory fails before any work
+        if self.dist.is_main:
+            self._lock.acquire()  # first: a busy or unusable run directory fails before any work
         try:
             self._build()
         except BaseException:
@@ -104,17 +118,25 @@ class Trainer:
         self._check_vocabulary(embedding_rows)
         vocab_size = cfg.model.vocab_size or len(self.tokenizer)
 
-        self.model = build_model(cfg.model, vocab_size, self.device, PARAM_DTYPES[cfg.train.precision],
-                                 tokenizer=self.tokenizer)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        model = build_model(cfg.model, vocab_size, self.device, PARAM_DTYPES[cfg.train.precision],
+                            tokenizer=self.tokenizer)
+        if cfg.optimizer.update_in_backward and self.dist.distributed:
+            raise ConfigError(f"optimizer.update_in_backward: steps each weight during backward, before the "
+                              f"{self.dist.backend} backend has averaged its gradient over {self.dist.world_size} "
+                              f"ranks; set it to false to train on several ranks")
+        self.grad_accum = self.runtime.grad_accum()
+        self.runtime.prepare(model, build_optimizer(model, cfg.optimizer))
+        self.model, self.optimizer = self.runtime.module, self.runtime.optimizer
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.warmup_steps,
                                          self.total_steps, cfg.train.min_lr_ratio)
         self.in_backward = UpdateInBackward(self.optimizer) if cfg.optimizer.update_in_backward else None
 
-        self.train_batches = build_train_batches(cfg.data, self.tokenizer, cfg.train.batch_size, cfg.run.seed)
-        self.eval_set = eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batch_size or cfg.train.batch_size,
-                                     cfg.train.eval_tokens)
+        self.train_batches = build_train_batches(cfg.data, self.tokenizer, cfg.train.batch_size, cfg.run.seed,
+                                                 self.dist.rank, self.dist.world_size)
+        every_rank = eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batch_size or cfg.train.batch_size,
+                                  cfg.train.eval_tokens)
+        self.eval_set = every_rank[self.dist.rank::self.dist.world_size]  # the ranks sum their parts
         self.step = 0
         self.tokens_seen = 0
         if self.resume_from is not None:
@@ -125,9 +147,10 @@ class Trainer:
                 print(f"moved the checkpoints after step {self.step} (a run this one replaces, or ones that "
                       f"cannot be loaded) to {moved}")
 
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard,
-                                  resume_step=self.step if self.resume_from else None)
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard and self.dist.is_main,
+                                  resume_step=self.step if self.resume_from else None, enabled=self.dist.is_main)
 
     # -- construction helpers ------------------------------------------------------------------------------
 
@@ -195,46 +218,57 @@ class Trainer:
                               f"tokens; leave model.vocab_size unset (the tokenizer's size) or set it to at "
                               f"least {size}")
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per update over every rank."""
+        return self.config.train.batch_size * self.grad_accum * self.dist.world_size
+
     def _total_steps(self) -> int:
         t, d = self.config.train, self.config.data
         if t.max_tokens is None:
             return t.max_steps
-        return max(1, math.ceil(t.max_tokens / (t.batch_size * t.grad_accum * d.seq_len)))
+        return max(1, math.ceil(t.max_tokens / (self.global_batch * d.seq_len)))
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         ckpt.load_model_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.runtime.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.train_batches.load_state_dict(state["data"])
+        self.train_batches.restore(state["data_ranks"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["trainer"]["step"])
         self.tokens_seen = int(state["trainer"]["tokens_seen"])
         print(f"resumed from {path} at step {self.step}")
 
-    def training_state(self) -> dict[str, Any]:
+    def training_state(self) -> dict[str, Any] | None:
+        """Everything but the weights, on rank 0 (None elsewhere); every rank must call it (the optimizer state
+        and the data positions are gathered)."""
+        optimizer = self.runtime.optimizer_state()
+        data_ranks = self.runtime.gather(self.train_batches.state_dict())
+        if not self.dist.is_main:
+            return None
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,  # by parameter name: loads on any number of ranks
             "scheduler": self.scheduler.state_dict(),
-            "data": self.train_batches.state_dict(),
+            "data_ranks": data_ranks,
             "rng": ckpt.rng_state(),
-            "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
+            "trainer": {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size},
             "config": self.config.to_dict(),
         }
 
     def save(self) -> Path:
-        """Write a checkpoint of this step, unless a weight or an optimizer state tensor is not finite: then
-        raise TrainingDiverged, so a checkpoint on disk is always one a run can continue from."""
-        names = {p: name for name, p in self.model.named_parameters()}
-        tensors = list(self.model.named_parameters())
-        tensors += [(f"optimizer state '{key}' of {names.get(p, 'a weight')}", value)
-                    for p, state in self.optimizer.state.items() for key, value in state.items()
-                    if isinstance(value, torch.Tensor)]
-        bad = ckpt.non_finite(tensors)
-        if bad:
-            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        """Write a checkpoint of this step, unless a weight or an optimizer state tensor is not finite (on any
+        rank): then raise TrainingDiverged, so a checkpoint on disk is always one a run can continue from."""
+        bad = ckpt.non_finite(list(self.model.named_parameters()) + self.runtime.state_tensors())
+        if self.runtime.any(bool(bad)):
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") or "another rank"
             raise TrainingDiverged(f"non-finite values in {shown}", self.step)
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.training_state(),
-                                    self.config.checkpoint.keep_last)
+        state = self.training_state()
+        final = ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step:08d}"
+        if self.dist.is_main:
+            final = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state,
+                                         self.config.checkpoint.keep_last)
+        self.runtime.barrier()  # no rank goes on (or stops) before the checkpoint exists
+        return final
 
     def close(self) -> None:
         """End the run's hold on its directory (fit does this when it returns)."""
@@ -249,20 +283,23 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer update from `grad_accum` micro-batches; the loss is the mean over all target tokens
-        of the window (token-weighted, not a mean of micro-batch means)."""
-        self.model.train()
-        window_tokens = sum(target_tokens(b) for b in batches)
+        """One optimizer update from `grad_accum` micro-batches on every rank; the loss is the mean over all
+        target tokens of the global window (token-weighted, not a mean of micro-batch or rank means)."""
+        self.runtime.model.train()
+        window_tokens = int(self.runtime.sum(sum(target_tokens(b) for b in batches))[0])
         num_items = torch.tensor(window_tokens, device=self.device)
         loss_sum = 0.0
         for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
             if self.in_backward is not None:
-                self.in_backward.arm(i == len(batches) - 1)
+                self.in_backward.arm(last)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self._autocast():
-                loss = self.model(**batch, num_items_in_batch=num_items).loss
-            loss.backward()
+            with self.runtime.micro_batch(last):
+                with self._autocast():
+                    loss = self.runtime.model(**batch, num_items_in_batch=num_items).loss
+                self.runtime.backward(loss)
             loss_sum += loss.item()
+        loss_sum = self.runtime.sum(loss_sum)[0]
         if self.in_backward is not None:
             self.in_backward.finish()
         if not math.isfinite(loss_sum):
@@ -274,14 +311,12 @@ class Trainer:
                 raise TrainingDiverged(f"the gradient of {self.in_backward.non_finite} became non-finite",
                                        self.step + 1)
         else:
-            clip = self.config.train.grad_clip or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-            if not math.isfinite(grad_norm):
+            grad_norm = self.runtime.step(self.config.train.grad_clip)
+            if grad_norm is not None and not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"gradient norm became {grad_norm}", self.step + 1)
-            self.optimizer.step()
         if self.step == 0 and self.resume_from is None:
             self._log_memory()  # optimizer state exists only after the first update; gradients still held
-        self.optimizer.zero_grad(set_to_none=True)
+        self.runtime.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
@@ -293,14 +328,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-weighted loss over the fixed held-out set: total loss of every target token / their count."""
-        self.model.eval()
+        self.runtime.model.eval()
         total, count = 0.0, 0
         one = torch.tensor(1, device=self.device)
         for batch in self.eval_set:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                total += float(self.model(**batch, num_items_in_batch=one).loss)
+                total += float(self.runtime.model(**batch, num_items_in_batch=one).loss)
             count += target_tokens(batch)
+        total, count = self.runtime.sum(total, count)
         if count == 0:
             raise DataError(f"train.eval_tokens: the held-out set has no target tokens; {eval_hint(self.config.data)}")
         loss = total / count
@@ -325,20 +361,25 @@ class Trainer:
         counts = count_parameters(self.model)
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
               f"non-embedding), optimizer: {cfg.optimizer.name}, {self.total_steps} updates, device {self.device}")
+        if self.dist.distributed:
+            print(f"distributed: {self.dist.backend} on {self.dist.world_size} ranks, global batch "
+                  f"{self.global_batch} sequences = {cfg.train.batch_size} x {self.grad_accum} accumulation x "
+                  f"{self.dist.world_size} ranks")
         state_line, saves_nothing = state_versus_adamw(self.model, self.optimizer, cfg.optimizer)
         print(("warning: " if saves_nothing else "") + state_line, file=sys.stderr if saves_nothing else sys.stdout)
         if self.step >= end:
             print(f"already at step {self.step} of {self.total_steps}: nothing to train, evaluating")
             return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
         batches = iter(self.train_batches)
-        progress = tqdm(total=end, initial=self.step, disable=not cfg.log.progress, dynamic_ncols=True)
+        progress = tqdm(total=end, initial=self.step, disable=not (cfg.log.progress and self.dist.is_main),
+                        dynamic_ncols=True)
         last: dict[str, Any] = {}
         window_start, window_tokens = time.perf_counter(), 0
         with StopOnSignal() as stop:
             try:
                 while self.step < end:
-                    record = self.train_step([next(batches) for _ in range(cfg.train.grad_accum)])
-                    window_tokens += cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+                    record = self.train_step([next(batches) for _ in range(self.grad_accum)])
+                    window_tokens += self.global_batch * cfg.data.seq_len
                     evaluate_now = ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                                     or self.step == self.total_steps)
                     log_now = self.step % cfg.train.log_every == 0 or self.step == end or evaluate_now
@@ -359,8 +400,9 @@ class Trainer:
                     if ((cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
                             or self.step == self.total_steps):
                         saved = self.save()
-                    if stop.signum is not None and self.step < self.total_steps:
-                        raise TrainingInterrupted(stop.signum, self.step, saved or self.save())
+                    if self.runtime.any(stop.signum is not None) and self.step < self.total_steps:
+                        signum = stop.signum or signal.SIGTERM  # another rank received it
+                        raise TrainingInterrupted(signum, self.step, saved or self.save())
                     if log_now:  # the next timing window starts after this step's eval and save
                         window_start, window_tokens = time.perf_counter(), 0
             finally:
@@ -369,5 +411,15 @@ class Trainer:
 
     def _log_memory(self) -> None:
         report = memory_report(self.model, self.optimizer)
-        print("memory (tensor bytes after the first update):\n" + format_memory_table(report))
-        self.metrics.log({"step": self.step, "event": "memory", **report})
+        report["optimizer_state_bytes"] = self.runtime.optimizer_state_bytes()
+        report.update(self.runtime.memory_extra())
+        reports = self.runtime.gather(report)
+        if not self.dist.is_main:
+            return
+        if len(reports) == 1:
+            print("memory (tensor bytes after the first update):\n" + format_memory_table(report))
+            self.metrics.log({"step": self.step, "event": "memory", **report})
+            return
+        print(f"memory per rank (tensor bytes after the first update, {self.dist.backend}):\n"
+              + format_rank_table(reports))
+        self.metrics.log({"step": self.step, "event": "memory", **report, "ranks": reports})

@@ -47,6 +47,15 @@ def init_rank(rank: int, world: int, port: int, deepspeed: bool = False) -> None
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def finish_rank() -> None:
+    """Leave together, and without the interpreter's teardown: gloo's threads destroyed at exit can abort the
+    process ('terminate called without an active exception') after all the work is done."""
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 class Net(torch.nn.Module):
     """Embedding, attention and MLP linears (named as target_modules expect), a norm and a head."""
 

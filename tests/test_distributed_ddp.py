@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import MICRO_PER_UPDATE, init_rank, rank_batches, reference, spawn, Net
+from dist_harness import MICRO_PER_UPDATE, Net, finish_rank, init_rank, rank_batches, reference, spawn
 from lowmem.config import ConfigError
 from lowmem.distributed.gradient_sync import check_projected_sync
 from lowmem.optim.registry import parse_optimizer_options
@@ -31,6 +31,7 @@ def ddp_worker(rank, world, port, tree, mode, out):
         opt.zero_grad()
     if rank == 0:
         torch.save({"weights": {n: p.detach().clone() for n, p in net.named_parameters()}, "sent": sent}, out)
+    finish_rank()
 
 
 @pytest.mark.parametrize("tree", [{"name": "galore", "rank": 4, "update_gap": 2},

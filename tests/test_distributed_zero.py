@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from dist_harness import MICRO_PER_UPDATE, Net, init_rank, micro_batch, rank_batches, reference, spawn
+from dist_harness import MICRO_PER_UPDATE, Net, finish_rank, init_rank, micro_batch, rank_batches, reference, spawn
 from lowmem.optim import OPTIMIZERS
 
 UPDATES = 3
@@ -59,6 +59,7 @@ def zero_worker(rank, world, port, cases, out_dir):
                     "planned": opt.planned_state_bytes(),
                     "matrices": sum(not p.elementwise for p in opt.plans.values())},
                    f"{out_dir}/{index}-{rank}.pt")
+    finish_rank()
 
 
 def check(cases, world, tmp_path):
@@ -140,6 +141,7 @@ def reshard_worker(rank, world, port, tree, phase, path):
     if rank == 0:
         torch.save({"weights": {n: p.detach().clone() for n, p in net.named_parameters()}, "optimizer": state},
                    path if phase == "save" else f"{path}.{world}")
+    finish_rank()
 
 
 @pytest.mark.parametrize("tree", [small("galore"), small("adamw"),

@@ -74,8 +74,9 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, corpus, make_con
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
     a = torch.load(latest_checkpoint(whole.run_dir) / "state.pt", weights_only=True)
     b = torch.load(latest_checkpoint(split.run_dir) / "state.pt", weights_only=True)
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+    assert set(a["optimizer"]["by_name"]) == {n for n, _ in trainer.model.named_parameters()}  # keyed by name
+    for name, state in a["optimizer"]["by_name"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["by_name"][name]["exp_avg"])
 
 
 def test_gradient_accumulation_matches_the_big_batch(tmp_path, corpus, make_config):

@@ -1,0 +1,276 @@
+"""How the trainer's gradients are made and its optimizer stepped: on one process, under DDP, or under DeepSpeed.
+
+The trainer calls the same methods whatever the backend (registry `RUNTIMES`); each runtime owns what differs:
+wrapping the model, scaling and reducing the loss, the optimizer step (with clipping), the reductions the loop
+needs (token counts, losses, eval sums, a stop flag), and the optimizer state in the checkpoint's by-name
+format (lowmem.optim.named_state), consolidated on rank 0 under ZeRO and re-sharded on load.
+
+The loss of an update is the mean over every target token of the global window (all ranks, all micro-batches):
+each rank divides its summed token losses by the global token count; DDP and DeepSpeed average the gradients
+over the ranks, so each rank scales its loss by the world size to make that average the global mean.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lowmem.config import Config, ConfigError, deep_merge
+from lowmem.distributed.launch import DistContext
+from lowmem.optim.named_state import load_named_state_dict, named_state_dict
+
+
+class Runtime:
+    """One process: the model and optimizer as built."""
+
+    def __init__(self, ctx: DistContext, config: Config):
+        self.ctx = ctx
+        self.config = config
+        self.model: Optional[nn.Module] = None  # what the trainer runs forward through
+        self.module: Optional[nn.Module] = None  # the plain model (save_pretrained, parameters)
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # what the schedule drives
+
+    @property
+    def world(self) -> int:
+        return self.ctx.world_size
+
+    def grad_accum(self) -> int:
+        """Micro-batches per update on this rank (train.global_batch_size divided over the ranks when set)."""
+        t = self.config.train
+        if t.global_batch_size is None:
+            return t.grad_accum
+        per_micro = t.batch_size * self.world
+        if t.global_batch_size % per_micro:
+            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                              f"train.batch_size {t.batch_size} x {self.world} ranks")
+        return t.global_batch_size // per_micro
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = self.module = model
+        self.optimizer = optimizer
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward (DDP: no gradient reduction but on the last)."""
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.world).backward()
+
+    def step(self, clip: float) -> Optional[float]:
+        """Average (where the backend does not), clip and step; the gradient norm (no step when it is not
+        finite)."""
+        norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip or float("inf")))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def gather(self, value: Any) -> Optional[list]:
+        """Every rank's `value` on rank 0, in rank order (None elsewhere)."""
+        if self.world == 1:
+            return [value]
+        out: Optional[list] = [None] * self.world if self.ctx.is_main else None
+        dist.gather_object(value, out, dst=0)
+        return out
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the ranks (float64 on CPU)."""
+        if self.world == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.sum(float(flag))[0])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def optimizer_state(self) -> Optional[dict]:
+        """The optimizer state by parameter name, on rank 0 (None elsewhere); every rank must call it."""
+        return named_state_dict(self.optimizer, self.module) if self.ctx.is_main else None
+
+    def load_optimizer_state(self, saved: dict) -> None:
+        load_named_state_dict(self.optimizer, self.module, saved)
+
+    def state_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's optimizer state tensors, named, for the finiteness check before a checkpoint."""
+        names = {p: name for name, p in self.module.named_parameters()}
+        return [(f"optimizer state '{key}' of {names.get(p, 'a weight')}", value)
+                for p, state in self.optimizer.state.items() for key, value in state.items()
+                if isinstance(value, torch.Tensor)]
+
+    def optimizer_state_bytes(self) -> int:
+        from lowmem.optim.registry import optimizer_state_bytes
+
+        return optimizer_state_bytes(self.optimizer)
+
+    def memory_extra(self) -> dict[str, int]:
+        """Bytes the backend holds beyond params, grads and optimizer state (DeepSpeed's fp32 partition)."""
+        return {}
+
+
+class DDPRuntime(Runtime):
+    """torch DistributedDataParallel (gradient_sync full), or lowmem's own reduction of R = P^T G (projected)."""
+
+    def prepare(self, model, optimizer):
+        super().prepare(model, optimizer)
+        self.sync = None
+        if self.config.distributed.gradient_sync == "projected":
+            from lowmem.distributed.gradient_sync import GradientSync
+
+            self.sync = GradientSync(optimizer, "projected")
+            for p in model.parameters():  # every rank starts from rank 0's weights
+                dist.broadcast(p.data, src=0)
+        else:
+            device_ids = [model.device.index] if model.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last):
+        with contextlib.nullcontext() if last or self.sync is not None else self.model.no_sync():
+            yield
+
+    def step(self, clip):
+        if self.sync is not None:
+            self.sync.sync(self.module.parameters())
+        return super().step(clip)
+
+
+class DeepSpeedRuntime(Runtime):
+    """DeepSpeed ZeRO: lowmem's optimizer runs inside DeepSpeed's step (lowmem.distributed.zero), which
+    reduces, clips and shards; the optimizer state is consolidated by name on rank 0 for checkpoints."""
+
+    def prepare(self, model, optimizer):
+        import deepspeed
+
+        from lowmem.distributed.zero import ZeroShardedOptimizer
+
+        config = self.deepspeed_config()
+        stage = config["zero_optimization"]["stage"]
+        self.elementwise_only = _elementwise_only(optimizer, model)
+        if stage == 3:
+            if not self.elementwise_only:
+                raise ConfigError(f"distributed.zero_stage: ZeRO-3 splits every weight over the ranks, and "
+                                  f"'{self.config.optimizer.name}' has matrix rules (projections, factored or "
+                                  f"block-quantized moments, transforms) that need whole matrices; use stage 1 "
+                                  f"or 2 (ZeRO-3 runs the element-wise adamw)")
+            client = optimizer  # element-wise: DeepSpeed's flat partitions are as good as the weights
+        else:
+            client = ZeroShardedOptimizer(model, optimizer)
+        self.stage = stage
+        engine, client_opt, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+        self.engine = engine
+        self.model = engine
+        self.module = model
+        self.optimizer = client
+        self.zero = client if isinstance(client, ZeroShardedOptimizer) else None
+
+    def deepspeed_config(self) -> dict:
+        """DeepSpeed's settings from lowmem's config, a user JSON (distributed.deepspeed_config) merged over
+        them; settings that would change the optimizer or the batch, or break the owner map, are refused."""
+        cfg = self.config
+        generated = {
+            "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+            "gradient_accumulation_steps": self.grad_accum(),
+            "gradient_clipping": cfg.train.grad_clip,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": cfg.distributed.zero_stage, "round_robin_gradients": False},
+            "bf16": {"enabled": cfg.train.precision == "bf16"},
+            "steps_per_print": 2**31 - 1,
+        }
+        user: dict[str, Any] = {}
+        if cfg.distributed.deepspeed_config:
+            path = Path(cfg.distributed.deepspeed_config)
+            try:
+                user = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ConfigError(f"distributed.deepspeed_config: cannot read '{path}' as JSON: {err}") from err
+        check_deepspeed_config(user, generated)
+        return deep_merge(generated, user)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last):
+        yield
+
+    def backward(self, loss):
+        # the loss is already the mean over the global window: no division by the accumulation steps
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        self.engine.step()  # steps the optimizer only at the end of an accumulation window
+
+    def step(self, clip):
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def zero_grad(self):
+        pass  # DeepSpeed zeroes its gradients in its own step
+
+    def optimizer_state(self):
+        if self.zero is not None:
+            return self.zero.consolidated_state()
+        return super().optimizer_state()  # stage 0: DeepSpeed steps the optimizer on whole weights
+
+    def load_optimizer_state(self, saved):
+        if self.zero is not None:
+            self.zero.load_consolidated_state(saved)
+        else:
+            super().load_optimizer_state(saved)
+
+    def state_tensors(self):
+        if self.zero is None:
+            return super().state_tensors()
+        found = []
+        for holder in (self.zero.owned, self.zero.shards):
+            for key, state in holder.items():
+                found += [(f"optimizer state '{k}' of {key}", v) for k, v in state.items() if isinstance(v, torch.Tensor)]
+        return found
+
+    def optimizer_state_bytes(self):
+        return self.zero.local_state_bytes() if self.zero is not None else super().optimizer_state_bytes()
+
+    def memory_extra(self):
+        fp32 = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None) or []
+        return {"deepspeed_fp32_partition_bytes": sum(t.numel() * t.element_size() for t in fp32)}
+
+
+def check_deepspeed_config(user: dict, generated: dict) -> None:
+    """Refuse DeepSpeed settings lowmem cannot honour, saying what to change."""
+    where = "distributed.deepspeed_config"
+    if "optimizer" in user or "scheduler" in user:
+        raise ConfigError(f"{where}: remove the 'optimizer' and 'scheduler' blocks; lowmem provides both "
+                          f"(optimizer.name, train.schedule) and runs its optimizer inside DeepSpeed's step")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in user and user[key] != generated[key]:
+            raise ConfigError(f"{where}: {key} is {user[key]} but lowmem's config gives {generated[key]} "
+                              f"(train.batch_size, train.grad_accum / train.global_batch_size); set them there")
+    zero = user.get("zero_optimization", {})
+    if zero.get("round_robin_gradients"):
+        raise ConfigError(f"{where}: zero_optimization.round_robin_gradients must be false: with it DeepSpeed's "
+                          f"fragment map points at the wrong slices of its fp32 partition")
+    offload = zero.get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none") and user.get("zero_force_ds_cpu_optimizer", True):
+        raise ConfigError(f"{where}: offload_optimizer without \"zero_force_ds_cpu_optimizer\": false would "
+                          f"silently replace lowmem's optimizer by DeepSpeed's CPU Adam; set it to false")
+    if user.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{where}: fp16 is not one of lowmem's precisions; use train.precision bf16 (or "
+                          f"bf16_autocast) instead")
+
+
+def _elementwise_only(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Whether DeepSpeed may step `optimizer` on its flat partitions directly: torch AdamW (lowmem's pipeline
+    keys its state and rules by the original weights, so it always runs through the owner map)."""
+    return isinstance(optimizer, torch.optim.AdamW)
+
+
+RUNTIMES: dict[str, type[Runtime]] = {"none": Runtime, "ddp": DDPRuntime, "deepspeed": DeepSpeedRuntime}
