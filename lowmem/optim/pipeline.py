@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from lowmem.kernels.dispatch import resolve_backend
 from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
 from lowmem.optim.pipeline_options import PipelineOptions
 from lowmem.optim.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
@@ -71,6 +72,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         self._projected_count = 0
         self._updates_done = 0  # the most updates any weight has taken
         self._update_index = 0  # the shared index of the update in progress
+        self._backends: dict[str, str] = {}  # optimizer.kernels resolved per device type
         defaults = dict(lr=options.group_lr, betas=tuple(options.betas), eps=options.eps,
                         weight_decay=options.weight_decay, projected=False)
         self.projector: Optional[Projector] = None
@@ -170,15 +172,25 @@ class PipelineOptimizer(torch.optim.Optimizer):
         # without begin_update (step_param used directly) a weight's own count still moves the index on
         self._update_index = max(self._update_index, state["step"])
         grad = grad.float()
-        ctx = CoreContext(weight, key.label)
+        ctx = CoreContext(weight, key.label, self._fused(grad.device))
+        decay = group["lr"] * group["weight_decay"]
         if projected:
             update, decay_scale = self._projected_update(grad, state, group, key, ctx)
+        elif ctx.fused and self.core.fused_update(weight, grad, state, group, decay):
+            update = None  # the kernel has updated the weight
         else:
             result = self.core.step(grad, state, group, ctx)
             update, decay_scale = result.direction, result.decay_scale
         state["step"] += 1
         self._updates_done = max(self._updates_done, state["step"])
-        self.convention.apply_update(weight, update, group["lr"], group["lr"] * group["weight_decay"] * decay_scale)
+        if update is not None:
+            self.convention.apply_update(weight, update, group["lr"], decay * decay_scale)
+
+    def _fused(self, device: torch.device) -> bool:
+        """Whether optimizer.kernels resolves to the Triton kernels for tensors on `device`."""
+        if device.type not in self._backends:
+            self._backends[device.type] = resolve_backend(self.options.kernels, device)
+        return self._backends[device.type] == "triton"
 
     def _refresh_number(self, state: dict, key: WeightKey) -> Optional[int]:
         """The refresh number to draw now, or None when no refresh is due."""
