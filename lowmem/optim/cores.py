@@ -78,11 +78,12 @@ class AdamConvention:
 
     eps_scaled: bool
     apply_update: Callable[[torch.Tensor, torch.Tensor, float, float], None]
+    decay_after: bool  # what apply_update does, for the fused kernels
 
 
 ADAM_CONVENTIONS: dict[str, AdamConvention] = {
-    "galore": AdamConvention(eps_scaled=False, apply_update=_decay_after),
-    "torch": AdamConvention(eps_scaled=True, apply_update=_decay_before),
+    "galore": AdamConvention(eps_scaled=False, apply_update=_decay_after, decay_after=True),
+    "torch": AdamConvention(eps_scaled=True, apply_update=_decay_before, decay_after=False),
 }
 
 
@@ -98,11 +99,13 @@ class CoreStep:
 
 
 class CoreContext:
-    """What a core may need beyond its gradient: the full weight (Adafactor's parameter scale) and a label."""
+    """What a core may need beyond its gradient: the full weight (Adafactor's parameter scale), a label, and
+    whether to run the fused Triton kernels (optimizer.kernels resolved to triton for the weight's device)."""
 
-    def __init__(self, weight: torch.Tensor, label: str = "a weight"):
+    def __init__(self, weight: torch.Tensor, label: str = "a weight", fused: bool = False):
         self.weight = weight
         self.label = label
+        self.fused = fused
 
 
 class Core:
@@ -120,6 +123,12 @@ class Core:
 
     def step(self, grad: torch.Tensor, state: dict, group: dict, ctx: CoreContext) -> CoreStep:
         raise NotImplementedError
+
+    def fused_update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                     decay: float) -> bool:
+        """Step and update the fp32 `weight` in one fused kernel pass (W -= lr D, decay = lr * weight_decay as
+        the convention applies it); False, with nothing done, where the core has no such kernel."""
+        return False
 
     def reset(self, state: dict) -> None:
         """Forget the moments (moments_on_refresh: reset, a FRUGAL refresh, an inactive block)."""
@@ -181,14 +190,26 @@ class AdamCore(Core):
     def _storage(self, shape) -> Storage:
         return self.policy.for_shape(tuple(shape))
 
-    def step(self, grad, state, group, ctx):
+    def _count(self, grad: torch.Tensor, state: dict) -> Storage:
+        """The moments' storage, with the moments created (and the count restarted) when missing; counts the update."""
         storage = self._storage(grad.shape)
         if not storage.holds(state, FIRST, grad.shape):
             storage.zeros(state, FIRST, grad.shape, grad.device, "signed")
             storage.zeros(state, SECOND, grad.shape, grad.device, "unsigned")
             state["adam_step"] = 0
         state["adam_step"] += 1
+        return storage
+
+    def step(self, grad, state, group, ctx):
+        storage = self._count(grad, state)
         beta1, beta2 = group["betas"]
+        if ctx.fused:
+            from lowmem.kernels import adam as fused  # lazily: kernel modules import Triton
+
+            if fused.handles(storage, grad.shape):
+                direction = fused.adam_direction(grad, state, storage, state["adam_step"], beta1, beta2,
+                                                 group["eps"], self.convention.eps_scaled)
+                return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
         exp_avg = storage.read(state, FIRST, grad.shape, "signed")
         exp_avg_sq = storage.read(state, SECOND, grad.shape, "unsigned")
         direction = adam_math(grad, exp_avg, exp_avg_sq, state["adam_step"], beta1, beta2, group["eps"],
@@ -205,6 +226,17 @@ class AdamCore(Core):
 
     def second_moment(self, state, shape):
         return self._storage(shape).read(state, SECOND, shape, "unsigned") if FIRST in state else None
+
+    def fused_update(self, weight, grad, state, group, decay):
+        from lowmem.kernels import adam as fused
+
+        if not fused.handles(self._storage(grad.shape), grad.shape):
+            return False
+        storage = self._count(grad, state)
+        beta1, beta2 = group["betas"]
+        fused.adam_update(weight, grad, state, storage, state["adam_step"], group["lr"], beta1, beta2, group["eps"],
+                          self.convention.eps_scaled, decay, self.convention.decay_after)
+        return True
 
     def rotate(self, state, rotation, shape):
         """Express the moments in a new basis, C = P_new^T P_old: M <- C M exactly, V <- (C*C) V, which is

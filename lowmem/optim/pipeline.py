@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from lowmem.kernels.dispatch import resolve_backend
 from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
 from lowmem.optim.pipeline_options import PipelineOptions
 from lowmem.optim.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
@@ -73,6 +74,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         self._updates_done = 0  # the most updates any weight has taken
         self._update_index = 0  # the shared index of the update in progress
         self._core_grads: dict[torch.Tensor, torch.Tensor] = {}  # all-reduced R = P^T Gc for the next step
+        self._backends: dict[str, str] = {}  # optimizer.kernels resolved per device type
         defaults = dict(lr=options.group_lr, betas=tuple(options.betas), eps=options.eps,
                         weight_decay=options.weight_decay, projected=False)
         self.projector: Optional[Projector] = None
@@ -218,7 +220,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         # without begin_update (step_param used directly) a weight's own count still moves the index on
         self._update_index = max(self._update_index, state["step"])
         if core_grad is not None:
-            ctx = CoreContext(weight, key.label)
+            ctx = CoreContext(weight, key.label, self._fused(weight.device))
             direction, decay_scale, _ = self._core_step(core_grad.float(), state, group, ctx, None)
             update_c = self.projector.project_back(state, direction, min(weight.shape)).mul_(self.options.scale)
             update = update_c.T if weight.shape[0] >= weight.shape[1] else update_c
@@ -233,16 +235,26 @@ class PipelineOptimizer(torch.optim.Optimizer):
             # the transforms change the gradient: never the caller's (an fp32 .grad is not copied by .float())
             grad = self.transforms.on_gradient(grad.clone(), state, step)
             group = self.transforms.group(group, step)
-        ctx = CoreContext(weight, key.label)
+        ctx = CoreContext(weight, key.label, self._fused(grad.device))
+        decay = group["lr"] * group["weight_decay"]
         if projected:
             update, decay_scale = self._projected_update(grad, state, group, key, ctx, step)
+        elif ctx.fused and step is None and self.core.fused_update(weight, grad, state, group, decay):
+            update = None  # the kernel has updated the weight (transforms wrap the core: not with them)
         else:
             update, decay_scale, _ = self._core_step(grad, state, group, ctx, step)
         if step is not None and step.lr_scale != 1.0:
             update.mul_(step.lr_scale)
         state["step"] += 1
         self._updates_done = max(self._updates_done, state["step"])
-        self.convention.apply_update(weight, update, group["lr"], group["lr"] * group["weight_decay"] * decay_scale)
+        if update is not None:
+            self.convention.apply_update(weight, update, group["lr"], decay * decay_scale)
+
+    def _fused(self, device: torch.device) -> bool:
+        """Whether optimizer.kernels resolves to the Triton kernels for tensors on `device`."""
+        if device.type not in self._backends:
+            self._backends[device.type] = resolve_backend(self.options.kernels, device)
+        return self._backends[device.type] == "triton"
 
     def _core_step(self, core_grad: torch.Tensor, state: dict, group: dict, ctx: CoreContext,
                    step: Optional[TransformStep]) -> tuple[torch.Tensor, float, float]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from lowmem.config import ConfigError, closest
+from lowmem.kernels.dispatch import BACKENDS, resolve_backend
 from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES
 from lowmem.optim.microadam import INDEX_LIMIT
 from lowmem.optim.projectors import BLOCK_ORDERS, PROJECTORS
@@ -78,6 +81,8 @@ class PipelineOptions(OptimizerOptions):
     anneal_steps: Optional[int] = None  # Stable-SPAM's total_T: cosine annealing of beta1 and gamma1
     anneal_min: float = 0.5  # the annealing factor's end value (Stable-SPAM's eta_min)
     seed: int = 0  # seeds random projectors and block choices
+    # auto (Triton kernels on CUDA, the pure-torch reference elsewhere) | triton | torch (lowmem.kernels.dispatch)
+    kernels: str = "auto"
 
     @property
     def projects(self) -> bool:
@@ -105,10 +110,16 @@ class PipelineOptions(OptimizerOptions):
             ("state_dtype", self.state_dtype, STATE_DTYPES),
             ("core", self.core, CORES),
             ("block_order", self.block_order, BLOCK_ORDERS),
+            ("kernels", self.kernels, BACKENDS),
         ):
             if value not in choices:
                 raise ConfigError(f"optimizer.{key}: unknown value '{value}'{closest(str(value), choices)}; "
                                   f"choose from {sorted(choices)}")
+        if self.kernels == "triton":  # before any data is read: no CUDA device at all (the interpreter aside)
+            try:
+                resolve_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
+            except RuntimeError as error:
+                raise ConfigError(str(error)) from None
         self._validate_projection()
         self._validate_cores()
         validate_transforms(self)

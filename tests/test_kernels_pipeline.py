@@ -1,0 +1,121 @@
+"""`optimizer.kernels`: whole PipelineOptimizer updates with the Triton kernels (interpreted, tiny CPU tensors)
+against the same optimizer on the pure-torch reference path, and the option's validation.
+
+With `kernels: triton` the Adam core runs `lowmem.kernels.adam`: the fused direction for projected cores and
+the fused step-and-update for dense weights. Tolerances as in test_kernels_adam: rtol 1e-5 on fp32 weights
+(relative to the weights' scale for the differences that cancelling moments carry), one bf16 unit on bf16
+weights; quantized moments compared through their codes, which may differ by one level at a tie."""
+import pytest
+import torch
+
+from lowmem.config import ConfigError
+from lowmem.optim.pipeline import PipelineOptimizer
+from lowmem.optim.presets import AdamW4bitOptions, AdamW8bitOptions, FiraOptions, FrugalOptions, GaloreOptions
+from lowmem.optim.registry import parse_optimizer_options
+
+
+def make_params(dtype=torch.float32):
+    """Two projected matrices (wide and tall: 32 x 160 cores of 5,120 elements, so int8 / int4 cores are
+    quantized), an embedding-sized dense matrix (quantized too) and a norm vector (always fp32 moments)."""
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in ((64, 160), (160, 64))]
+    dense = [torch.nn.Parameter((torch.randn(80, 64, generator=gen) * 0.1).to(dtype)),
+             torch.nn.Parameter(torch.ones(64, dtype=dtype))]
+    return mats, dense
+
+
+def run(options, dtype=torch.float32, steps=2, optimizer=None, params=None, first_step=0):
+    mats, dense = params or make_params(dtype)
+    opt = optimizer or PipelineOptimizer([{"params": mats, "projected": True, "weight_decay": 0.1},
+                                          {"params": dense, "weight_decay": 0.0}], options)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(first_step + steps):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in mats + dense]
+        if step < first_step:
+            continue
+        for p, g in zip(mats + dense, grads):
+            p.grad = g
+        opt.step()
+    return opt, mats + dense
+
+
+def assert_same_run(ours, theirs, dtype):
+    for p, q in zip(ours[1], theirs[1]):
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -7, atol=1e-4)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(ours[1], theirs[1]):
+        a, b = ours[0].state[p], theirs[0].state[q]
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+                differ = (a[key].int() - value.int()).abs()
+                assert (differ > 0).float().mean() <= 1e-3, key
+            elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                scale = float(value.float().abs().max())
+                rtol = 2 ** -7 if value.dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(a[key].float(), value.float(), rtol=rtol, atol=rtol * scale)
+            else:
+                assert a[key] == value if not isinstance(value, torch.Tensor) else torch.equal(a[key], value)
+
+
+@pytest.mark.parametrize("options", [
+    GaloreOptions(rank=32, state_dtype="int8"),
+    GaloreOptions(rank=32, state_dtype="int4"),
+    FiraOptions(rank=32),
+    FrugalOptions(projector="svd", rank=32, state_dtype="int8"),
+    AdamW8bitOptions(weight_decay=0.1),
+    AdamW4bitOptions(),
+], ids=["galore-int8", "galore-int4", "fira-fp32", "frugal-svd-int8", "adamw8bit", "adamw4bit"])
+def test_triton_kernels_match_the_reference_path(options, monkeypatch):
+    from lowmem.kernels import adam
+
+    calls = {"adam_update": 0, "adam_direction": 0}
+    for name in calls:
+        def counted(*args, name=name, original=getattr(adam, name), **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(adam, name, counted)
+    reference = run(type(options)(**{**options.__dict__, "kernels": "torch"}))
+    assert calls == {"adam_update": 0, "adam_direction": 0}
+    triton = run(type(options)(**{**options.__dict__, "kernels": "triton"}))
+    # 2 updates: projected cores take the fused direction, dense weights the fused step-and-update
+    assert calls == ({"adam_update": 4, "adam_direction": 4} if options.projects else
+                     {"adam_update": 8, "adam_direction": 0})
+    assert_same_run(triton, reference, torch.float32)
+
+
+def test_bf16_weights_with_bf16_moments():
+    options = GaloreOptions(rank=32)  # state_dtype auto: bf16 moments for bf16 weights
+    triton = run(GaloreOptions(**{**options.__dict__, "kernels": "triton"}), torch.bfloat16)
+    reference = run(GaloreOptions(**{**options.__dict__, "kernels": "torch"}), torch.bfloat16)
+    assert triton[0].state[triton[1][2]]["exp_avg"].dtype == torch.bfloat16
+    assert_same_run(triton, reference, torch.bfloat16)
+
+
+def test_a_checkpoint_moves_between_the_paths():
+    """Two updates with the kernels, the state loaded into a reference-path optimizer, one more update: the
+    same as three updates on the reference path (the kernels keep the storage's own tensors)."""
+    options = AdamW8bitOptions(weight_decay=0.1)
+    first, _ = run(AdamW8bitOptions(**{**options.__dict__, "kernels": "triton"}), steps=2)
+    params = make_params()
+    resumed = PipelineOptimizer([{"params": params[0], "projected": True, "weight_decay": 0.1},
+                                 {"params": params[1], "weight_decay": 0.0}],
+                                AdamW8bitOptions(**{**options.__dict__, "kernels": "torch"}))
+    for p, q in zip(params[0] + params[1], [p for g in first.param_groups for p in g["params"]]):
+        p.data.copy_(q.data)
+    resumed.load_state_dict(first.state_dict())
+    resumed_run = run(None, optimizer=resumed, params=params, steps=1, first_step=2)
+    reference = run(AdamW8bitOptions(**{**options.__dict__, "kernels": "torch"}), steps=3)
+    assert_same_run(resumed_run, reference, torch.float32)
+
+
+def test_kernels_option_is_validated(monkeypatch):
+    with pytest.raises(ConfigError, match="optimizer.kernels: unknown value 'trition' \\(did you mean 'triton'"):
+        parse_optimizer_options({"name": "galore", "kernels": "trition"})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="need CUDA tensors"):
+            parse_optimizer_options({"name": "galore", "kernels": "triton"})
+    assert parse_optimizer_options({"name": "adamw8bit", "kernels": "torch"}).kernels == "torch"
