@@ -1,8 +1,10 @@
-"""Command line: `python train.py CONFIG.yaml [dotted.key=value ...]`.
+"""Command line: `python train.py CONFIG.yaml [dotted.key=value ...]`, also under `torchrun`, `deepspeed` and
+`accelerate launch` (the rank and world size come from the launcher's environment).
 
 An input or environment problem ends with one line on stderr, `<kind>: <message>` naming the key, file, row
 or value, and a non-zero exit (2 for config and data errors, 1 for a diverged run, 128 + the signal's number
-for SIGINT/SIGTERM); only an unexpected internal error shows a traceback.
+for SIGINT/SIGTERM); only an unexpected internal error shows a traceback. On many ranks every rank exits
+with its status right away (lowmem.distributed.launch): a failure on one rank ends the others too.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from lowmem.config import load_config
+from lowmem.distributed import launch
 from lowmem.errors import LowmemError, TrainingDiverged
 
 if TYPE_CHECKING:
@@ -24,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("more", nargs="*", metavar="ARG",
                         help="more YAML files merged in order (e.g. configs/optimizers/galore.yaml), then "
                              "dotted.key=value overrides (e.g. optimizer.lr=0.01)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
+    with launch.leave_together() as outcome:
+        outcome.status = _run(args)
+    return outcome.status
+
+
+def _run(args: argparse.Namespace) -> int:
     files = [args.config] + [a for a in args.more if "=" not in a]
     overrides = [a for a in args.more if "=" in a]
     trainer = None

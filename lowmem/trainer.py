@@ -124,6 +124,8 @@ class Trainer:
             raise ConfigError(f"optimizer.update_in_backward: steps each weight during backward, before the "
                               f"{self.dist.backend} backend has averaged its gradient over {self.dist.world_size} "
                               f"ranks; set it to false to train on several ranks")
+        if self.resume_from is not None:  # before the backend copies them (DeepSpeed's fp32 partitions)
+            ckpt.load_model_weights(model, self.resume_from)
         self.grad_accum = self.runtime.grad_accum()
         self.runtime.prepare(model, build_optimizer(model, cfg.optimizer))
         self.model, self.optimizer = self.runtime.module, self.runtime.optimizer
@@ -230,7 +232,7 @@ class Trainer:
         return max(1, math.ceil(t.max_tokens / (self.global_batch * d.seq_len)))
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        ckpt.load_model_weights(self.model, path)
+        """Everything but the weights (loaded before the backend wrapped the model)."""
         self.runtime.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_batches.restore(state["data_ranks"])
@@ -349,7 +351,8 @@ class Trainer:
 
         On SIGINT or SIGTERM the current update is finished, a checkpoint written and TrainingInterrupted
         raised; a second signal raises KeyboardInterrupt at once. The run directory is unlocked on return."""
-        self._lock.acquire()  # a second fit() of this trainer takes it again
+        if self.dist.is_main:
+            self._lock.acquire()  # a second fit() of this trainer takes it again
         try:
             return self._fit(stop_at_step)
         finally:
@@ -365,7 +368,7 @@ class Trainer:
             print(f"distributed: {self.dist.backend} on {self.dist.world_size} ranks, global batch "
                   f"{self.global_batch} sequences = {cfg.train.batch_size} x {self.grad_accum} accumulation x "
                   f"{self.dist.world_size} ranks")
-        state_line, saves_nothing = state_versus_adamw(self.model, self.optimizer, cfg.optimizer)
+        state_line, saves_nothing = state_versus_adamw(self.model, self.runtime.rules, cfg.optimizer)
         print(("warning: " if saves_nothing else "") + state_line, file=sys.stderr if saves_nothing else sys.stdout)
         if self.step >= end:
             print(f"already at step {self.step} of {self.total_steps}: nothing to train, evaluating")

@@ -76,23 +76,28 @@ def device_for(name: str, local_rank: int) -> str:
     return name
 
 
+class ExitStatus:
+    status: int = 0
+
+
 @contextlib.contextmanager
-def end_every_rank_on_failure(ctx: DistContext) -> Iterator[None]:
-    """On one process: nothing. On many: an exception on this rank is printed with the rank and ends the
-    process at once with status 1, so no rank is left waiting in a collective."""
-    if not ctx.distributed:
-        yield
+def leave_together() -> Iterator[ExitStatus]:
+    """Around a whole command on many ranks (a launcher's WORLD_SIZE > 1): whatever ends it, this rank leaves at
+    once with its status, so no rank is left waiting in a collective for one that failed (and gloo's threads
+    cannot abort a finished run at interpreter exit). An unexpected error is printed with the rank first.
+    On one process: nothing. The command sets the status it wants on the yielded holder."""
+    outcome = ExitStatus()
+    if launcher_world()[2] == 1:
+        yield outcome
         return
     try:
-        yield
-    except SystemExit as stop:  # a clean exit with a status (the CLI's config errors): every rank does it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stop.code if isinstance(stop.code, int) else 1)
-    except BaseException as error:  # noqa: BLE001 (every failure must end the rank, whatever it is)
-        print(f"rank {ctx.rank} failed: {type(error).__name__}: {error}", file=sys.stderr)
-        if not isinstance(error, (KeyboardInterrupt, dist.DistBackendError, RuntimeError)) or ctx.rank == 0:
-            traceback.print_exc(file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        yield outcome
+    except SystemExit as stop:
+        outcome.status = stop.code if isinstance(stop.code, int) else 1
+    except BaseException as error:  # noqa: BLE001 (every failure must end this rank, whatever it is)
+        print(f"rank {launcher_world()[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        outcome.status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(outcome.status)

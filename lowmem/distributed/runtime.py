@@ -35,6 +35,7 @@ class Runtime:
         self.model: Optional[nn.Module] = None  # what the trainer runs forward through
         self.module: Optional[nn.Module] = None  # the plain model (save_pretrained, parameters)
         self.optimizer: Optional[torch.optim.Optimizer] = None  # what the schedule drives
+        self.rules: Optional[torch.optim.Optimizer] = None  # the optimizer lowmem built (its formulas, its rules)
 
     @property
     def world(self) -> int:
@@ -53,7 +54,7 @@ class Runtime:
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = self.module = model
-        self.optimizer = optimizer
+        self.optimizer = self.rules = optimizer
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
@@ -175,6 +176,7 @@ class DeepSpeedRuntime(Runtime):
         self.model = engine
         self.module = model
         self.optimizer = client
+        self.rules = optimizer
         self.zero = client if isinstance(client, ZeroShardedOptimizer) else None
 
     def deepspeed_config(self) -> dict:
