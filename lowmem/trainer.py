@@ -266,9 +266,10 @@ class Trainer:
             raise TrainingDiverged(f"non-finite values in {shown}", self.step)
         state = self.training_state()
         final = ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.step:08d}"
-        if self.dist.is_main:
-            final = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state,
-                                         self.config.checkpoint.keep_last)
+        with self.runtime.full_weights():
+            if self.dist.is_main:
+                final = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state,
+                                             self.config.checkpoint.keep_last)
         self.runtime.barrier()  # no rank goes on (or stops) before the checkpoint exists
         return final
 

@@ -166,3 +166,29 @@ def test_zero3_refuses_matrix_optimizers_at_start(tmp_path, corpus):
     runtime = DeepSpeedRuntime(DistContext(0, 0, 2, "deepspeed"), config)
     with pytest.raises(ConfigError, match="ZeRO-3 splits every weight over the ranks, and 'galore' has matrix rules"):
         runtime.prepare(model, build_optimizer(model, parse_optimizer_options({"name": "galore", "rank": 2})))
+
+
+def test_zero3_adamw_trains_saves_and_resumes_as_one_process(tmp_path, corpus):
+    overrides = ("optimizer.name=adamw", "train.global_batch_size=4")
+    whole, trainer = single(tmp_path / "whole", corpus, *overrides)
+    expected = losses(whole.run_dir)
+    zero3 = (*BASE, *overrides, "distributed.backend=deepspeed", "distributed.zero_stage=3")
+    spawn(train_worker, 2, str(tmp_path / "split"), str(corpus), zero3, 4)  # checkpoint at step 3
+    split = build_tiny_config(tmp_path / "split", corpus, *BASE)
+    checkpoint = latest_checkpoint(split.run_dir)
+    assert checkpoint.name == "step_00000003"
+    # the HF model rank 0 wrote holds whole weights (gathered from the partitions)
+    from transformers import AutoModelForCausalLM
+
+    at_three, _ = single(tmp_path / "three", corpus, *overrides, stop_at_step=3)
+    written = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+    reference = AutoModelForCausalLM.from_pretrained(latest_checkpoint(at_three.run_dir) / "model")
+    for (name, got), (_, want) in zip(written.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
+    spawn(train_worker, 2, str(tmp_path / "split"), str(corpus), (*zero3, "checkpoint.resume=auto"), None)
+    resumed, _ = single(tmp_path / "one", corpus, *overrides, f"checkpoint.resume={checkpoint}")
+    on_two, on_one = losses(split.run_dir), losses(resumed.run_dir)
+    for step in range(1, 7):
+        assert on_two[step] == pytest.approx(expected[step], rel=1e-5), f"ZeRO-3, step {step}"
+    for step in (4, 5, 6):
+        assert on_one[step] == pytest.approx(expected[step], rel=1e-5), f"1 process from ZeRO-3, step {step}"

@@ -117,6 +117,10 @@ class Runtime:
 
         return optimizer_state_bytes(self.optimizer)
 
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Every weight whole on this rank while inside (every rank must enter): for writing the HF model."""
+        return contextlib.nullcontext()
+
     def memory_extra(self) -> dict[str, int]:
         """Bytes the backend holds beyond params, grads and optimizer state (DeepSpeed's fp32 partition)."""
         return {}
@@ -151,7 +155,9 @@ class DDPRuntime(Runtime):
 
 class DeepSpeedRuntime(Runtime):
     """DeepSpeed ZeRO: lowmem's optimizer runs inside DeepSpeed's step (lowmem.distributed.zero), which
-    reduces, clips and shards; the optimizer state is consolidated by name on rank 0 for checkpoints."""
+    reduces, clips and shards; the optimizer state is consolidated by name on rank 0 for checkpoints.
+    Under ZeRO-3 (element-wise AdamW only) DeepSpeed steps torch AdamW on its flat partitions directly; the
+    state is consolidated through deepspeed.utils' full-state accessors and the weights gathered to save."""
 
     def prepare(self, model, optimizer):
         import deepspeed
@@ -221,13 +227,58 @@ class DeepSpeedRuntime(Runtime):
     def optimizer_state(self):
         if self.zero is not None:
             return self.zero.consolidated_state()
-        return super().optimizer_state()  # stage 0: DeepSpeed steps the optimizer on whole weights
+        return self._zero3_state()
 
     def load_optimizer_state(self, saved):
         if self.zero is not None:
             self.zero.load_consolidated_state(saved)
         else:
-            super().load_optimizer_state(saved)
+            self._load_zero3_state(saved)
+
+    def full_weights(self):
+        import deepspeed
+
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        # ZeRO-3 keeps 1/N of each weight per rank: gather them (every rank enters) for the HF model on rank 0
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def _zero3_state(self) -> Optional[dict]:
+        """ZeRO-3's flat AdamW partitions consolidated into the by-name format of one process (collective)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        flat = [s for s in self.engine.optimizer.optimizer.state.values() if s]
+        keys = sorted(k for k in (flat[0] if flat else {}) if k != "step")
+        step = flat[0]["step"] if flat else None
+        by_name = {}
+        for name, p in self.module.named_parameters():
+            if p.requires_grad and flat:
+                by_name[name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in keys}
+                by_name[name]["step"] = step.detach().clone() if isinstance(step, torch.Tensor) else step
+        if not self.ctx.is_main:
+            return None
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        return {"by_name": by_name, "groups": groups}
+
+    def _load_zero3_state(self, saved: dict) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        inner = self.engine.optimizer.optimizer  # torch AdamW over DeepSpeed's flat fp32 partitions
+        keys = {k for state in saved["by_name"].values() for k in state if k != "step"}
+        # AdamW creates its state at the first step: make it now, on the flat partitions DeepSpeed hands it then
+        for flat_param in self.engine.optimizer.fp32_partitioned_groups_flat:
+            inner.state[flat_param] = {k: torch.zeros_like(flat_param) for k in keys}
+        flat = list(inner.state.values())
+        for name, p in self.module.named_parameters():
+            for key, value in saved["by_name"].get(name, {}).items():
+                if key != "step":
+                    safe_set_full_optimizer_state(p, value.to(torch.float32), key)
+        step = next((s["step"] for s in saved["by_name"].values() if "step" in s), None)
+        for state in flat:  # one step count per flat partition, as torch AdamW keeps one per weight
+            if step is not None:
+                state["step"] = step.clone() if isinstance(step, torch.Tensor) else step
+        for group, hyper in zip(self.optimizer.param_groups, saved["groups"]):
+            group.update({k: v for k, v in hyper.items() if k in group and k != "params"})
 
     def state_tensors(self):
         if self.zero is None:
