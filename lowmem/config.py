@@ -142,7 +142,7 @@ class DistributedConfig:
     # auto: none on one process; under a launcher (torchrun, deepspeed, accelerate launch) ddp, or deepspeed
     # when accelerate was configured for it
     backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
-    zero_stage: int = 2  # DeepSpeed: 0, 1 or 2 for every optimizer; 3 for element-wise ones (adamw, ...)
+    zero_stage: int = 2  # DeepSpeed: 0, 1 or 2 for every optimizer; 3 for torch AdamW (adamw) only
     gradient_sync: Literal["full", "projected"] = "full"  # ddp: all-reduce G, or R = P^T G (lowmem.distributed)
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON for any other setting (offload, buckets, ...)
     timeout_s: float = 600.0  # a collective waiting longer ends the run on every rank
