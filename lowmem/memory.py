@@ -39,14 +39,31 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def format_rank_table(reports: list[dict[str, int]]) -> str:
-    """One row per key, one column per rank."""
+def format_rank_table(reports: list[dict[str, int]], extra: dict[str, dict[str, int]] | None = None) -> str:
+    """One row per key, one column per rank, then one column per `extra` entry (a formula beside the counts)."""
+    columns = [(f"rank {i}", r) for i, r in enumerate(reports)] + list((extra or {}).items())
     keys = list(dict.fromkeys(k for r in reports for k in r))
-    width = max(len(k) for k in keys) - len("_bytes")
-    head = f"  {'':<{width}}" + "".join(f"  {'rank ' + str(i):>12}" for i in range(len(reports)))
-    rows = [f"  {k.removesuffix('_bytes').replace('_', ' '):<{width}}"
-            + "".join(f"  {format_bytes(r[k]) if k in r else '-':>12}" for r in reports) for k in keys]
+    names = {k: k.removesuffix("_bytes").replace("_", " ") for k in keys}
+    width = max(len(n) for n in names.values())
+    head = f"  {'':<{width}}" + "".join(f"  {label:>14}" for label, _ in columns)
+    rows = [f"  {names[k]:<{width}}" + "".join(f"  {format_bytes(c[k]) if k in c else '-':>14}" for _, c in columns)
+            for k in keys]
     return "\n".join([head] + rows)
+
+
+def zero_formula(model: torch.nn.Module, total_state_bytes: int, world_size: int, stage: int) -> dict[str, int]:
+    """What one rank should hold under ZeRO `stage` (0: plain data parallel): params P (P/N at stage 3),
+    gradients G (G/N from stage 2), optimizer state S (S/N from stage 1), from the whole model's sizes."""
+    from lowmem.planner import MemoryPlan
+
+    def whole(p: torch.Tensor) -> int:  # ZeRO-3 leaves an empty tensor in the module; ds_numel is its size
+        return getattr(p, "ds_numel", p.numel()) * p.element_size()
+
+    params = sum(whole(p) for p in model.parameters())
+    grads = sum(whole(p) for p in model.parameters() if p.requires_grad)
+    per_rank = MemoryPlan(params, grads, {"state": total_state_bytes}, 0, world_size, stage).per_rank()
+    return {"params_bytes": per_rank["parameters"], "grads_bytes": per_rank["gradients"],
+            "optimizer_state_bytes": per_rank["optimizer state"]}
 
 
 def format_memory_table(report: dict[str, int]) -> str:

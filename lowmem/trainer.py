@@ -25,7 +25,7 @@ from lowmem.data import build_train_batches, eval_batches, eval_hint
 from lowmem.distributed import launch
 from lowmem.distributed.runtime import RUNTIMES
 from lowmem.errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
-from lowmem.memory import format_memory_table, format_rank_table, memory_report, state_versus_adamw
+from lowmem.memory import format_memory_table, format_rank_table, memory_report, state_versus_adamw, zero_formula
 from lowmem.metrics import MetricsLog
 from lowmem.model import build_meta_model, build_model, count_parameters
 from lowmem.optim import build_optimizer
@@ -424,6 +424,9 @@ class Trainer:
             print("memory (tensor bytes after the first update):\n" + format_memory_table(report))
             self.metrics.log({"step": self.step, "event": "memory", **report})
             return
-        print(f"memory per rank (tensor bytes after the first update, {self.dist.backend}):\n"
-              + format_rank_table(reports))
-        self.metrics.log({"step": self.step, "event": "memory", **report, "ranks": reports})
+        stage = getattr(self.runtime, "stage", 0)  # DDP keeps everything on every rank, as stage 0
+        state = sum(r["optimizer_state_bytes"] for r in reports) if stage >= 1 else report["optimizer_state_bytes"]
+        formula = zero_formula(self.model, state, self.dist.world_size, stage)
+        print(f"memory per rank (tensor bytes after the first update, {self.dist.backend}):\n" + format_rank_table(reports, {f"ZeRO-{stage} formula": formula}))
+        self.metrics.log({"step": self.step, "event": "memory", **report, "ranks": reports,
+                          "zero_formula": formula})

@@ -192,3 +192,17 @@ def test_zero3_adamw_trains_saves_and_resumes_as_one_process(tmp_path, corpus):
         assert on_two[step] == pytest.approx(expected[step], rel=1e-5), f"ZeRO-3, step {step}"
     for step in (4, 5, 6):
         assert on_one[step] == pytest.approx(expected[step], rel=1e-5), f"1 process from ZeRO-3, step {step}"
+
+
+def test_a_zero_stage_given_to_accelerate_that_the_config_contradicts_is_refused(tmp_path, corpus, monkeypatch):
+    from lowmem.config import ConfigError
+    from lowmem.distributed.launch import DistContext
+    from lowmem.distributed.runtime import DeepSpeedRuntime
+
+    config = build_tiny_config(tmp_path, corpus, "distributed.zero_stage=2")
+    runtime = DeepSpeedRuntime(DistContext(0, 0, 2, "deepspeed"), config)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(ConfigError, match="accelerate launch was given ZeRO stage 1 but the config says 2"):
+        runtime.deepspeed_config()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert runtime.deepspeed_config()["zero_optimization"]["stage"] == 2

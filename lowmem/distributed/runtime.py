@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -206,6 +207,11 @@ class DeepSpeedRuntime(Runtime):
             except (OSError, json.JSONDecodeError) as err:
                 raise ConfigError(f"distributed.deepspeed_config: cannot read '{path}' as JSON: {err}") from err
         check_deepspeed_config(user, generated)
+        launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # accelerate launch --zero_stage N
+        if launcher_stage not in (None, "") and int(launcher_stage) != cfg.distributed.zero_stage:
+            raise ConfigError(f"distributed.zero_stage: accelerate launch was given ZeRO stage {launcher_stage} but "
+                              f"the config says {cfg.distributed.zero_stage}; lowmem's config decides: set "
+                              f"distributed.zero_stage={launcher_stage}")
         return deep_merge(generated, user)
 
     @contextlib.contextmanager
