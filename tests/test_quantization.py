@@ -131,3 +131,22 @@ def test_small_tensors_stay_fp32():
     policy = StoragePolicy("int8")
     assert policy.for_shape((63, 65)).name == "fp32"  # 4095 elements
     assert policy.for_shape((64, 64)).name == "int8"
+
+
+@pytest.mark.parametrize("bits, kind", [(8, "signed"), (8, "unsigned"), (4, "signed"), (4, "unsigned")])
+def test_cpu_encode_gives_the_nearest_code_as_a_plain_search_does(bits, kind):
+    from lowmem.optim.quantization import state_map
+
+    qmap = state_map(bits, kind)
+    mids = qmap.midpoints
+    up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))
+    x = torch.cat([torch.randn(50_000).clamp(-1, 1) * s for s in (1.0, 1e-3, 1e-7)]
+                  + [mids, up, down, qmap.values, torch.tensor([-1.0, 1.0, 0.0, -0.0])])
+    if kind == "unsigned":
+        x = x.abs()
+    slow = torch.bucketize(x, mids, out_int32=True)  # the definition: midpoints strictly below each value
+    assert torch.equal(qmap.encode(x).long(), slow.long())
+    random = x[:150_000]  # and away from the rounded midpoints, it is the nearest value
+    nearest = (random[:, None] - qmap.values[None, :]).abs().min(1).values
+    distance = (qmap.values[qmap.encode(random).long()] - random).abs()
+    assert (distance <= nearest + 1e-7).all()

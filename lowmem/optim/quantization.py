@@ -64,6 +64,7 @@ class QuantMap:
         self.bits = bits
         self.midpoints = (values[1:] + values[:-1]) / 2
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU encode tables (_encode_by_prefix)
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
@@ -74,11 +75,38 @@ class QuantMap:
     def encode(self, normalized: torch.Tensor) -> torch.Tensor:
         """Codes (uint8) of the nearest map value to each element of `normalized` (already in the map's range)."""
         _, midpoints = self.tables(normalized.device)
+        if normalized.device.type == "cpu" and normalized.dtype == torch.float32:
+            return self._encode_by_prefix(normalized.contiguous())
         return torch.bucketize(normalized, midpoints, out_int32=True).to(torch.uint8)
+
+    def _encode_by_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The same codes as bucketize, several times faster on CPU (whose bucketize is a scalar binary search):
+        the top 16 bits of a float, in an order-preserving form, select one of 65536 intervals; every interval
+        holds at most one midpoint (checked when the table is built), so the code is the number of midpoints
+        below the interval plus one comparison."""
+        if self._prefix is None:
+            keys = _order_key(self.midpoints.contiguous()).long()
+            every = torch.arange(1 << 16)
+            below = torch.searchsorted(keys, every, right=False)
+            inside = torch.searchsorted(keys, every, right=True) - below
+            assert int(inside.max()) <= 1, "two midpoints share a 16-bit prefix"
+            threshold = torch.full((1 << 16,), float("inf"))
+            threshold[inside > 0] = self.midpoints[below[inside > 0]]
+            self._prefix = (below.to(torch.uint8), threshold)
+        below, threshold = self._prefix
+        key = _order_key(x).reshape(-1)  # int32: index_select with int32 indices is the fastest CPU gather
+        return below.index_select(0, key).add_(x.reshape(-1) > threshold.index_select(0, key)).view(x.shape)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         values, _ = self.tables(codes.device)
-        return values[codes.long()]
+        return values.index_select(0, codes.reshape(-1).int()).view(codes.shape)
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of float32 `x` as integers in [0, 65536) in the order of the floats."""
+    bits = x.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+    return (ordered >> 16) + (1 << 15)
 
 
 @functools.cache
