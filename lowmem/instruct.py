@@ -144,7 +144,7 @@ def encode_prompt_response(row: dict, where: str, tokenizer, cfg: InstructConfig
 def check_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"data.instruct.format: 'chat' renders messages with the tokenizer's chat template, but "
-                        f"the tokenizer '{tokenizer.name_or_path}' has none (tokenizer.chat_template is unset); "
+                        f"the tokenizer '{tokenizer.name_or_path}' has no chat template (its chat_template is unset); "
                         f"use a tokenizer that has one (tokenizer.name=...), or prompt/response rows "
                         f"(data.instruct.format=prompt_response)")
 

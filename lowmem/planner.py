@@ -153,6 +153,7 @@ def measure_one_update(config: Config) -> dict[str, int]:
         torch.cuda.reset_peak_memory_stats(device)
     activations = saved_activation_bytes(model, config.train.batch_size, config.data.seq_len,
                                          autocast_bf16=config.train.precision == "bf16_autocast").total
+    vocab = model.get_input_embeddings().num_embeddings  # a pretrained model's own vocabulary
     ids = torch.randint(0, vocab, (config.train.batch_size, config.data.seq_len), device=device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.train.precision == "bf16_autocast"
                 else torch.autocast(device.type, enabled=False))
