@@ -84,7 +84,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
     temp = root / f"{TEMP_PREFIX}{final.name}"
     if temp.exists():
         shutil.rmtree(temp)
-    model.save_pretrained(temp / "model", safe_serialization=True)
+    write_model(model, temp / "model")
     if tokenizer is not None:
         tokenizer.save_pretrained(temp / "model")
     torch.save(state, temp / "state.pt")
@@ -100,6 +100,16 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
     for stale in [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step][:-keep_last]:
         shutil.rmtree(stale)
     return final
+
+
+def write_model(model, directory: Path) -> None:
+    """The model as a plain Hugging Face directory; a LoRA model merged, with its adapter beside (lowmem.lora)."""
+    from lowmem.lora import is_lora, save_merged
+
+    if is_lora(model):
+        save_merged(model, directory)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
 
 
 def set_aside_newer(run_dir: Path, step: int) -> Path | None:

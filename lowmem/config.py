@@ -67,6 +67,11 @@ class ModelConfig:
     # Further LlamaConfig fields by name (rope_theta, rms_norm_eps, tie_word_embeddings, ...).
     extra: dict = field(default_factory=dict)
     quant: Optional[QuantConfig] = None  # fake-quantized (QAT) linears; None: plain linears
+    # Weight dtype: fp32 | bf16 | fp16 | auto (a pretrained checkpoint's own dtype); None: from train.precision.
+    dtype: Optional[Literal["fp32", "bf16", "fp16", "auto"]] = None
+    # Shell-style patterns (fnmatch) over parameter and module names, e.g. "model.embed_tokens*" or
+    # "*.layers.0.*": every matching parameter (or every parameter of a matching module) is frozen.
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +85,16 @@ class BPEConfig:
 class TokenizerConfig:
     name: Optional[str] = None  # hub name (t5-base) or local directory; with a pretrained model, its own
     train_bpe: Optional[BPEConfig] = None  # fit a byte-level BPE (the default when no name is given)
+
+
+@dataclass
+class InstructConfig:
+    """Instruction data (lowmem.instruct): prompt/response rows, or chat `messages` rendered with the
+    tokenizer's chat template; the loss covers response (assistant) tokens only."""
+    format: Literal["prompt_response", "chat"] = "prompt_response"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
 
 
 @dataclass
@@ -101,6 +116,7 @@ class DataConfig:
     seq_len: int = 256
     packing: bool = True  # False: each document truncated/padded to seq_len (the papers' mode)
     max_docs: Optional[int] = None  # cap on training documents read (map-style sources)
+    instruct: Optional[InstructConfig] = None  # None: plain-text continuation
 
 
 @dataclass
@@ -387,6 +403,17 @@ def _validate_quant(q: QuantConfig) -> None:
     _require(len(q.target_modules) > 0, "model.quant.target_modules: list at least one module-name pattern")
 
 
+def _validate_instruct(config: Config) -> None:
+    d = config.data
+    _require(d.source in ("files", "hub"),
+             f"data.instruct: instruction rows come from jsonl/parquet files or a hub dataset; data.source is "
+             f"'{d.source}' (set data.source=files and data.files=[...])")
+    _require(not d.streaming, "data.instruct: instruction data is read whole (map-style); set data.streaming=false")
+    _require(config.tokenizer.train_bpe is None,
+             "data.instruct: needs the tokenizer the model was trained with (model.pretrained's own, or "
+             "tokenizer.name), not a freshly fitted BPE; set tokenizer.train_bpe=null and tokenizer.name=...")
+
+
 def validate(config: Config) -> None:
     from lowmem.model import MODEL_PRESETS
     from lowmem.schedule import SCHEDULES
@@ -442,6 +469,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.eval_split: only hub datasets have named splits (data.source is '{d.source}'); "
                           "leave it unset to hold out data.eval_fraction of the documents")
     _require(d.max_docs is None or d.max_docs >= 1, f"data.max_docs: must be at least 1, got {d.max_docs}")
+    if d.instruct is not None:
+        _validate_instruct(config)
     if d.source == "prepared":
         _require(d.path is not None and Path(d.path).is_dir(),
                  f"data.path: prepared data directory '{d.path}' not found")

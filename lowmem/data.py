@@ -403,8 +403,8 @@ class MapStyleBatches(TrainBatches):
     def __init__(self, blocks: list[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         super().__init__(batch_size, seq_len)
-        self.blocks = [(ids, lengths) for ids, lengths in blocks if len(ids)]
-        self.block_starts = np.cumsum([0] + [len(ids) for ids, _ in self.blocks])
+        self.blocks = [block for block in blocks if len(block[0])]  # tuples of arrays with rows on axis 0
+        self.block_starts = np.cumsum([0] + [len(block[0]) for block in self.blocks])
         if self.block_starts[-1] == 0:
             raise DataError("no training sequences: the training documents are empty or shorter than one "
                             "sequence (lower data.seq_len or add documents)")
@@ -427,23 +427,25 @@ class MapStyleBatches(TrainBatches):
             self._order_epoch, self._order = epoch, torch.randperm(self.num_sequences, generator=generator)
         return self._order
 
-    def _row(self, index: int) -> tuple[np.ndarray, int]:
+    def _row(self, index: int) -> tuple[np.ndarray, ...]:
+        """Row `index` of every array of its block."""
         block = int(np.searchsorted(self.block_starts, index, side="right")) - 1
-        ids, lengths = self.blocks[block]
         row = index - int(self.block_starts[block])
-        return ids[row], int(lengths[row])
+        return tuple(array[row] for array in self.blocks[block])
+
+    def collate(self, rows: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
+        """The batch of `rows` (here: token ids and the length that carries a loss)."""
+        return make_batch(np.stack([r[0] for r in rows]), np.array([int(r[1]) for r in rows]))
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows, lengths = [], []
+        rows = []
         for _ in range(self.batch_size):
             while self.position >= self.num_sequences:
                 self.epoch += 1
                 self.position -= self.num_sequences
-            ids, length = self._row(int(self.epoch_order(self.epoch)[self.position]))
-            rows.append(ids)
-            lengths.append(length)
+            rows.append(self._row(int(self.epoch_order(self.epoch)[self.position])))
             self.position += self.world_size
-        return make_batch(np.stack(rows), np.array(lengths))
+        return self.collate(rows)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "num_sequences": self.num_sequences,
@@ -564,6 +566,10 @@ class StreamingBatches(TrainBatches):
 def build_train_batches(cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: int = 0,
                         world_size: int = 1) -> TrainBatches:
     """The training batches of `cfg` for one rank of `world_size`."""
+    if cfg.instruct is not None:
+        from lowmem.instruct import InstructBatches
+
+        return InstructBatches.build(cfg, tokenizer, batch_size, seed, rank, world_size)
     if cfg.streaming and cfg.source in ("hub", "files"):
         return StreamingBatches(cfg, tokenizer, batch_size, seed, rank, world_size)
     if cfg.source == "prepared":
@@ -616,6 +622,10 @@ def take_rows(blocks: Iterable[tuple[np.ndarray, np.ndarray]], max_tokens: int) 
 def eval_batches(cfg: DataConfig, tokenizer, batch_size: int, max_tokens: int) -> list[dict[str, torch.Tensor]]:
     """A fixed held-out set: the first rows of the eval split holding ~`max_tokens` target tokens, in
     batches of `batch_size` (the last one may be smaller). Deterministic."""
+    if cfg.instruct is not None:
+        from lowmem.instruct import instruct_eval_batches
+
+        return instruct_eval_batches(cfg, tokenizer, batch_size, max_tokens)
     ids, lengths = take_rows(iter_eval_sequences(cfg, tokenizer), max_tokens)
     if len(ids) == 0:
         raise DataError(f"the eval split has no documents: {eval_hint(cfg)}")

@@ -102,6 +102,41 @@ def build_meta_model(cfg: ModelConfig, vocab_size: int | None = None) -> PreTrai
     return model
 
 
+MODEL_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16_autocast": torch.float32, "bf16": torch.bfloat16}
+
+
+def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
+    """The dtype the weights are built or loaded in: `model.dtype` when set (auto: the pretrained checkpoint's
+    own, read from its config), else the one `train.precision` implies."""
+    if cfg.dtype is None:
+        return PRECISION_DTYPES[precision]
+    if cfg.dtype != "auto":
+        return MODEL_DTYPES[cfg.dtype]
+    if cfg.pretrained is None:
+        return PRECISION_DTYPES[precision]  # a fresh model has no dtype of its own
+    from transformers import AutoConfig
+
+    saved = getattr(load_pretrained(cfg.pretrained, AutoConfig), "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) else torch.float32
+
+
+def prepare_for_training(model: PreTrainedModel, cfg: ModelConfig, optimizer_options) -> PreTrainedModel:
+    """Freeze `model.freeze`, then wrap the model with LoRA adapters when `optimizer.lora` is set (the returned
+    model is then a peft model). Works on a meta-device model too, for the planner."""
+    from lowmem.freeze import freeze
+
+    freeze(model, cfg.freeze)
+    lora = getattr(optimizer_options, "lora", None)
+    if lora is not None:
+        from lowmem.lora import apply_lora
+
+        model = apply_lora(model, lora)
+    return model
+
+
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -94,12 +94,14 @@ def _vocab_size(config: Config, notes: list[str]) -> int | None:
 def plan_memory(config: Config, world_size: int = 1, zero_stage: int = 0) -> MemoryPlan:
     """Predict a run's memory per rank from its config, on the meta device."""
     from lowmem.activations import saved_activation_bytes
-    from lowmem.model import build_meta_model
+    from lowmem.model import build_meta_model, prepare_for_training, weight_dtype
     from lowmem.optim import build_optimizer
-    from lowmem.trainer import PARAM_DTYPES
 
     notes: list[str] = []
-    model = build_meta_model(config.model, _vocab_size(config, notes)).to(PARAM_DTYPES[config.train.precision])
+    model = build_meta_model(config.model, _vocab_size(config, notes)).to(weight_dtype(config.model,
+                                                                                       config.train.precision))
+    # Frozen weights have no gradient and no state; LoRA adds its adapters (their state is the optimizer's).
+    model = prepare_for_training(model, config.model, config.optimizer)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     optimizer = build_optimizer(model, config.optimizer)
@@ -138,18 +140,20 @@ def measure_one_update(config: Config) -> dict[str, int]:
     """Counted bytes after one real update on random tokens (and the CUDA peak on a GPU)."""
     from lowmem.activations import saved_activation_bytes
     from lowmem.memory import memory_report
-    from lowmem.model import build_model
+    from lowmem.model import build_model, prepare_for_training, weight_dtype
     from lowmem.optim import build_optimizer
-    from lowmem.trainer import PARAM_DTYPES, pick_device
+    from lowmem.trainer import pick_device
 
     device = pick_device(config.train.device)
     vocab = _vocab_size(config, []) or 32000
-    model = build_model(config.model, vocab, device, PARAM_DTYPES[config.train.precision])
+    model = build_model(config.model, vocab, device, weight_dtype(config.model, config.train.precision))
+    model = prepare_for_training(model, config.model, config.optimizer)
     optimizer = build_optimizer(model, config.optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     activations = saved_activation_bytes(model, config.train.batch_size, config.data.seq_len,
                                          autocast_bf16=config.train.precision == "bf16_autocast").total
+    vocab = model.get_input_embeddings().num_embeddings  # a pretrained model's own vocabulary
     ids = torch.randint(0, vocab, (config.train.batch_size, config.data.seq_len), device=device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.train.precision == "bf16_autocast"
                 else torch.autocast(device.type, enabled=False))

@@ -27,7 +27,8 @@ from lowmem.distributed.runtime import RUNTIMES
 from lowmem.errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
 from lowmem.memory import format_memory_table, format_rank_table, memory_report, state_versus_adamw, zero_formula
 from lowmem.metrics import MetricsLog
-from lowmem.model import build_meta_model, build_model, count_parameters
+from lowmem.model import (PRECISION_DTYPES, build_meta_model, build_model, count_parameters, prepare_for_training,
+                          weight_dtype)
 from lowmem.optim import build_optimizer
 from lowmem.optim.groups import check_options_against_model
 from lowmem.optim.in_backward import UpdateInBackward
@@ -37,7 +38,7 @@ from lowmem.tokenizer import build_tokenizer, holds_tokenizer, load_saved_tokeni
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted"]
 
-PARAM_DTYPES = {"fp32": torch.float32, "bf16_autocast": torch.float32, "bf16": torch.bfloat16}
+PARAM_DTYPES = PRECISION_DTYPES  # the weight dtype of each train.precision (model.dtype may override it)
 
 
 # Keys a resumed run may change; any other difference from the checkpoint's config is refused.
@@ -118,14 +119,22 @@ class Trainer:
         self._check_vocabulary(embedding_rows)
         vocab_size = cfg.model.vocab_size or len(self.tokenizer)
 
-        model = build_model(cfg.model, vocab_size, self.device, PARAM_DTYPES[cfg.train.precision],
+        model = build_model(cfg.model, vocab_size, self.device, weight_dtype(cfg.model, cfg.train.precision),
                             tokenizer=self.tokenizer)
         if cfg.optimizer.update_in_backward and self.dist.distributed:
             raise ConfigError(f"optimizer.update_in_backward: steps each weight during backward, before the "
                               f"{self.dist.backend} backend has averaged its gradient over {self.dist.world_size} "
                               f"ranks; set it to false to train on several ranks")
-        if self.resume_from is not None:  # before the backend copies them (DeepSpeed's fp32 partitions)
+        # Weights before the backend copies them (DeepSpeed's fp32 partitions). A LoRA run continues from the
+        # base weights of model.pretrained, which it never changes, and the checkpoint's adapter.
+        lora = cfg.optimizer.lora is not None
+        if self.resume_from is not None and not lora:
             ckpt.load_model_weights(model, self.resume_from)
+        model = prepare_for_training(model, cfg.model, cfg.optimizer)
+        if self.resume_from is not None and lora:
+            from lowmem.lora import load_adapter
+
+            load_adapter(model, self.resume_from)
         self.grad_accum = self.runtime.grad_accum()
         self.runtime.prepare(model, build_optimizer(model, cfg.optimizer))
         self.model, self.optimizer = self.runtime.module, self.runtime.optimizer
@@ -198,6 +207,7 @@ class Trainer:
         the tokenizer or any weight is built. The projected weights' shapes do not depend on the vocabulary,
         so a placeholder size serves. Returns a pretrained model's embedding rows."""
         meta = build_meta_model(self.config.model, self.config.model.vocab_size or 32000)
+        meta = prepare_for_training(meta, self.config.model, self.config.optimizer)  # freeze / LoRA errors first
         check_options_against_model(meta, self.config.optimizer)
         max_positions = meta.config.max_position_embeddings
         if self.config.data.seq_len > max_positions:
@@ -299,7 +309,7 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.runtime.micro_batch(last):
                 with self._autocast():
-                    loss = self.runtime.model(**batch, num_items_in_batch=num_items).loss
+                    loss = self.runtime.model(**batch, num_items_in_batch=num_items, use_cache=False).loss
                 self.runtime.backward(loss)
             loss_sum += loss.item()
         loss_sum = self.runtime.sum(loss_sum)[0]
@@ -337,7 +347,7 @@ class Trainer:
         for batch in self.eval_set:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                total += float(self.runtime.model(**batch, num_items_in_batch=one).loss)
+                total += float(self.runtime.model(**batch, num_items_in_batch=one, use_cache=False).loss)
             count += target_tokens(batch)
         total, count = self.runtime.sum(total, count)
         if count == 0:

@@ -61,3 +61,13 @@ def write_tiny_config(tmp_path, corpus):
     return path
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune(tmp_path_factory):
+    """arch -> a directory holding model/ (a tiny checkpoint with a chat-template tokenizer), chat.jsonl and
+    prompt_response.jsonl (lowmem.tiny_checkpoint)."""
+    from lowmem.tiny_checkpoint import make_tiny_finetune
+
+    root = tmp_path_factory.mktemp("tiny_finetune")
+    return {arch: make_tiny_finetune(root / arch, arch, rows=160) for arch in ("llama", "gpt2")}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lowmem.config import ConfigError, closest, from_dict
+from lowmem.lora import LoraOptions
 
 
 @dataclass
@@ -36,6 +37,8 @@ class OptimizerOptions:
     # effective lr x scale while embeddings and head move at lr; setting this on AdamW gives it the same split
     # (a fair baseline at small budgets, where that split alone can decide a ranking).
     target_lr_scale: float = 1.0
+    # Train LoRA adapters (through peft) with this optimizer instead of the weights themselves (lowmem.lora).
+    lora: Optional[LoraOptions] = None
 
     def validate(self) -> None:
         """Check values that do not depend on the model. Raise ConfigError naming the key."""
@@ -50,6 +53,8 @@ class OptimizerOptions:
             raise ConfigError(f"optimizer.eps: must be positive, got {self.eps}")
         if self.target_lr_scale <= 0:
             raise ConfigError(f"optimizer.target_lr_scale: must be positive, got {self.target_lr_scale}")
+        if self.lora is not None:
+            self.lora.validate()
 
     def validate_for_model(self, projected_shapes: dict[str, tuple[int, ...]]) -> None:
         """Check values against the shapes of the weights this optimizer will project (name -> shape)."""
