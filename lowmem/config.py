@@ -290,6 +290,28 @@ def to_dict(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------
 # YAML loading: include, merge, overrides
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (empty dicts stay leaves)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The dotted keys whose values differ between two resolved configs. A key the saved config lacks (written
+    by an older lowmem) is no change while it holds its default (or None): new options must not make every
+    earlier run and checkpoint look different."""
+    old, new = flatten(saved), flatten(current)
+    defaults = flatten(to_dict(Config()))
+    return sorted(key for key in old.keys() | new.keys()
+                  if old.get(key) != new.get(key)
+                  and not (key not in old and new[key] in (None, defaults.get(key))))
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import yaml
 
-from lowmem.config import (Config, ConfigError, apply_override, config_from_tree, deep_merge, from_dict,
+from lowmem.config import (Config, ConfigError, apply_override, config_changes, config_from_tree, deep_merge, from_dict,
                            read_yaml_tree)
 from lowmem.errors import TrainingDiverged
 from lowmem.metrics import read_metrics
@@ -279,7 +279,7 @@ def finished_row(config: Config) -> Optional[dict]:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved["row"] if saved["config"] == json.loads(json.dumps(_config_key(config))) else None
+    return None if config_changes(saved["config"], json.loads(json.dumps(_config_key(config)))) else saved["row"]
 
 
 def run_study(path: str | Path, overrides: list[str] = ()) -> list[dict]:

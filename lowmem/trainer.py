@@ -20,7 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from lowmem import checkpoint as ckpt
-from lowmem.config import Config, ConfigError
+from lowmem.config import Config, ConfigError, config_changes, flatten
 from lowmem.data import build_train_batches, eval_batches, eval_hint
 from lowmem.distributed import launch
 from lowmem.distributed.runtime import RUNTIMES
@@ -55,22 +55,11 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resume_config(saved: dict, current: dict, path: Path) -> None:
     """Refuse to resume with a different model, data, optimizer or schedule than the checkpoint was made with:
     the restored state would silently override it (or fail to load)."""
     old, new = flatten(saved), flatten(current)
-    changed = sorted(key for key in old.keys() | new.keys()
-                     if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES))
+    changed = [key for key in config_changes(saved, current) if not key.startswith(RESUMABLE_CHANGES)]
     if changed:
         details = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed)
         raise ConfigError(f"checkpoint.resume: {path} was made with a different config ({details}); resume with "

@@ -192,3 +192,17 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
     base = write(tmp_path / "c.yaml", {"checkpoint": {"resume": str(tmp_path / "ck")}})
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         load_config(base)
+
+
+def test_a_key_an_older_config_lacks_is_no_change_while_it_holds_its_default():
+    from lowmem.config import Config, config_changes, to_dict
+
+    current = to_dict(Config())
+    older = to_dict(Config())
+    del older["train"]["precision"]  # as written before the key existed
+    assert config_changes(older, current) == []
+    current["train"]["precision"] = "bf16"
+    assert config_changes(older, current) == ["train.precision"]
+    older["train"]["precision"] = "fp32"
+    current["run"]["seed"] = older["run"]["seed"] + 1
+    assert config_changes(older, current) == ["run.seed", "train.precision"]
