@@ -33,7 +33,8 @@ class FakeQuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, quant: QuantConfig, stochastic: bool):
         qx = quantize_activation(x, quant.activations, quant.group_size, quant.keep_outliers, stochastic)
         qw = _weight(weight, quant, stochastic)
-        if torch.is_autocast_enabled(x.device.type):  # multiply (and save qx) in the autocast dtype, as nn.Linear
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # (the planner's trace)
+        if autocast:  # multiply (and save qx) in the autocast dtype, as nn.Linear
             dtype = torch.get_autocast_dtype(x.device.type)
             qx, qw = qx.to(dtype), qw.to(dtype)
             bias = bias.to(dtype) if bias is not None else None

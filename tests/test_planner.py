@@ -76,3 +76,12 @@ def test_cli_json_and_errors(tmp_path, corpus, make_config, capsys):
     assert "config error: --gpu: cannot read 'lots'" in capsys.readouterr().err
     assert main([path, "optimizer.nmae=galore"]) == 2
     assert "unknown key 'optimizer.nmae'" in capsys.readouterr().err
+
+
+def test_a_model_with_fake_quantized_linears_is_planned_and_measured(tmp_path, corpus, make_config):
+    config = make_config(tmp_path, corpus, "model.vocab_size=300", "train.batch_size=2", "data.seq_len=32",
+                         "model.quant.weights=int4", "model.quant.activations=int4", "model.quant.group_size=16")
+    rows = plan_memory(config).per_rank()
+    counted = measure_one_update(config)
+    assert rows["parameters"] == counted["params_bytes"]
+    assert abs(rows["activations"] - counted["activations_bytes"]) <= 0.15 * counted["activations_bytes"]
