@@ -243,7 +243,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
             update = None  # the kernel has updated the weight (transforms wrap the core: not with them)
         else:
             update, decay_scale, _ = self._core_step(grad, state, group, ctx, step)
-        if step is not None and step.lr_scale != 1.0:
+        if update is not None and step is not None and step.lr_scale != 1.0:
             update.mul_(step.lr_scale)
         state["step"] += 1
         self._updates_done = max(self._updates_done, state["step"])
@@ -288,8 +288,10 @@ class PipelineOptimizer(torch.optim.Optimizer):
         rank = self.projector.core_rank(state, self.options.rank_for(shape), shape)
         return torch.Size((rank, small_side(shape)[1]))
 
-    def _projected_update(self, grad: torch.Tensor, state: dict, group: dict, key: WeightKey,
-                          ctx: CoreContext, step: Optional[TransformStep]) -> tuple[torch.Tensor, float]:
+    def _projected_update(self, grad: torch.Tensor, state: dict, group: dict, key: WeightKey, ctx: CoreContext,
+                          step: Optional[TransformStep]) -> tuple[Optional[torch.Tensor], float]:
+        """The update (the weight's orientation) and its decay scale; None for the update when the fused
+        epilogue has stepped ctx.weight itself (`_fuses_epilogue`)."""
         projector = self.projector
         grad_c = canonical(grad)
         rows = grad_c.shape[0]
@@ -309,14 +311,19 @@ class PipelineOptimizer(torch.optim.Optimizer):
             elif has_basis:
                 new_basis = projector.basis(state, rows, grad.device) if needs_bases else None
                 self.moments_policy(self.core, state, old_basis, new_basis, self._core_shape(state, grad.shape))
-        decay_scale = 1.0
-        if projector.is_empty(state):  # inactive block: no core state, no projection
+        decay_scale, correction = 1.0, 1.0
+        core_grad = direction = None
+        if not projector.is_empty(state):  # an inactive block has no core state and no projection
+            core_grad = projector.project(state, grad_c)
+            direction, decay_scale, correction = self._core_step(core_grad, state, group, ctx, step)
+        if ctx.fused and self._fuses_epilogue(state):
+            self._fused_epilogue(grad, core_grad, direction, correction, decay_scale, state, group, ctx, step)
+            update_c = None
+        elif core_grad is None:
             update_c = self.residual(state, grad_c, None, None, None, 1.0)
             if update_c is None:
                 update_c = torch.zeros_like(grad_c)
         else:
-            core_grad = projector.project(state, grad_c)
-            direction, decay_scale, correction = self._core_step(core_grad, state, group, ctx, step)
             extra = None
             if not (self.residual.vanishes_on_full and projector.is_full(state)):
                 back = projector.project_back(state, core_grad, rows) if self.residual.needs_back else None
@@ -326,7 +333,35 @@ class PipelineOptimizer(torch.optim.Optimizer):
             if extra is not None:
                 update_c.add_(extra)
         projector.adapt(state, grad_c, group["lr"] / group["initial_lr"])
+        if update_c is None:
+            return None, decay_scale
         return (update_c.T if grad.shape[0] >= grad.shape[1] else update_c), decay_scale
+
+    def _fuses_epilogue(self, state: dict) -> bool:
+        """Whether lowmem.kernels.residual's epilogue applies: a residual policy it implements, and a basis it
+        can multiply by (a dense one, or none: an inactive or active block). The coordinates projector keeps
+        its scatter. Transforms are no obstacle: they act on the gradient and the core before it, and their
+        lr scale goes into the kernel's lr."""
+        from lowmem.kernels import residual as fused  # lazily: kernel modules import Triton
+
+        projector = self.projector
+        return fused.handles(self.residual) and (projector.dense_basis or projector.is_empty(state)
+                                                 or projector.is_full(state))
+
+    def _fused_epilogue(self, grad: torch.Tensor, core_grad: Optional[torch.Tensor], direction: Optional[torch.Tensor],
+                        correction: float, decay_scale: float, state: dict, group: dict, ctx: CoreContext,
+                        step: Optional[TransformStep]) -> None:
+        """Step ctx.weight by the core's direction in the fused epilogue: back-projection, scale, residual and
+        decay after one GEMM (none for an empty or a whole subspace)."""
+        from lowmem.kernels import residual as fused
+
+        projector = self.projector
+        basis = None
+        if core_grad is not None and not projector.is_full(state):
+            basis = projector.basis(state, min(grad.shape), grad.device)
+        lr = group["lr"] * (step.lr_scale if step is not None else 1.0)
+        fused.projected_update(ctx.weight, grad, basis, core_grad, direction, self.residual, state, correction, lr,
+                               group["lr"] * group["weight_decay"] * decay_scale, self.convention.decay_after)
 
     # -----------------------------------------------------------------------------------------------------
     # State

@@ -116,6 +116,7 @@ class Projector:
     """A basis stored as a dense b x r matrix under state['basis']; subclasses say how it is chosen."""
 
     periodic = True  # refreshed every update_gap updates; False: chosen once, then adapted every update
+    dense_basis = True  # project_back is basis() @ core: the fused epilogue may run that GEMM itself
     shared_refresh = False  # True: refresh numbers come from the optimizer's shared update counter
     resets_state = False  # True: every refresh clears the core state, whatever moments_on_refresh says
 
@@ -248,6 +249,8 @@ class CoordinateProjector(Projector):
     """FRUGAL's coordinates: a random subset of r rows of Gc (r columns of the weight's smaller side).
     Projection is a gather, back-projection a scatter; only the indices are stored."""
 
+    dense_basis = False  # a scatter, cheaper than a GEMM by a 0/1 basis
+
     def refresh(self, state, grad, rank, key, label="a projected weight"):
         order = torch.randperm(min(grad.shape), generator=_generator(key, torch.device("cpu")))
         state["indices"] = order[:rank].sort().values.to(grad.device)
@@ -298,6 +301,7 @@ class BlockProjector(Projector):
 
     shared_refresh = True  # refreshes follow the optimizer's update counter, not the weight's own count
     resets_state = True
+    dense_basis = False  # the subspace is empty or the whole space: no GEMM at all
 
     def refresh(self, state, grad, rank, key, label="a projected weight"):
         generator = _generator(RefreshKey(key.seed, 0, key.refresh), torch.device("cpu"))
