@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from lowmem.kernels.dispatch import resolve_backend
+from lowmem.optim.batched import BatchedStep
 from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
 from lowmem.optim.pipeline_options import PipelineOptions
 from lowmem.optim.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
@@ -144,10 +145,15 @@ class PipelineOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.begin_update()
+        # the reference path batches what it can across weights (lowmem.optim.batched); the rest, one by one
+        batch = BatchedStep(self) if BatchedStep.applies(self) else None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None or p in self._core_grads:
-                    self._step_param(p, group)
+                    if batch is None or not batch.add(p, group):
+                        self._step_param(p, group)
+        if batch is not None:
+            batch.finish()
         return loss
 
     def begin_update(self) -> None:
@@ -294,23 +300,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         epilogue has stepped ctx.weight itself (`_fuses_epilogue`)."""
         projector = self.projector
         grad_c = canonical(grad)
-        rows = grad_c.shape[0]
-        number = self._refresh_number(state, key)
-        if number is not None:
-            has_basis = state.get("refreshes", 0) > 0
-            needs_bases = self.moments_policy.needs_bases and has_basis and not projector.resets_state
-            old_basis = projector.basis(state, rows, grad.device) if needs_bases else None
-            refresh_key = RefreshKey(self.options.seed, key.identity, number, key.position)
-            projector.refresh(state, grad, self.options.rank_for(tuple(grad.shape)), refresh_key, key.label)
-            state["refreshes"] = state.get("refreshes", 0) + 1
-            if projector.shared_refresh:
-                state["shared_refresh"] = number
-            if projector.resets_state:
-                self.core.reset(state)
-                self.residual.reset(state)
-            elif has_basis:
-                new_basis = projector.basis(state, rows, grad.device) if needs_bases else None
-                self.moments_policy(self.core, state, old_basis, new_basis, self._core_shape(state, grad.shape))
+        self._refresh_if_due(grad, state, key)
         decay_scale, correction = 1.0, 1.0
         core_grad = direction = None
         if not projector.is_empty(state):  # an inactive block has no core state and no projection
@@ -319,23 +309,60 @@ class PipelineOptimizer(torch.optim.Optimizer):
         if ctx.fused and self._fuses_epilogue(state):
             self._fused_epilogue(grad, core_grad, direction, correction, decay_scale, state, group, ctx, step)
             update_c = None
-        elif core_grad is None:
-            update_c = self.residual(state, grad_c, None, None, None, 1.0)
-            if update_c is None:
-                update_c = torch.zeros_like(grad_c)
         else:
-            extra = None
-            if not (self.residual.vanishes_on_full and projector.is_full(state)):
-                back = projector.project_back(state, core_grad, rows) if self.residual.needs_back else None
-                extra = self.residual(state, grad_c, core_grad, direction, back, correction)
-            # project_back may return `direction` itself (active block): it is not needed any more
-            update_c = projector.project_back(state, direction, rows).mul_(self.options.scale)
-            if extra is not None:
-                update_c.add_(extra)
-        projector.adapt(state, grad_c, group["lr"] / group["initial_lr"])
+            update_c = self._back_projected(grad_c, core_grad, direction, correction, state)
+        projector.adapt(state, grad_c, group["lr"] / group["initial_lr"], core_grad)
         if update_c is None:
             return None, decay_scale
         return (update_c.T if grad.shape[0] >= grad.shape[1] else update_c), decay_scale
+
+    def _refresh_if_due(self, grad: torch.Tensor, state: dict, key: WeightKey) -> None:
+        """Refresh the projector's basis when due, with what moments_on_refresh does to the core state."""
+        projector = self.projector
+        number = self._refresh_number(state, key)
+        if number is None:
+            return
+        rows = min(grad.shape)
+        has_basis = state.get("refreshes", 0) > 0
+        needs_bases = self.moments_policy.needs_bases and has_basis and not projector.resets_state
+        old_basis = projector.basis(state, rows, grad.device) if needs_bases else None
+        refresh_key = RefreshKey(self.options.seed, key.identity, number, key.position)
+        projector.refresh(state, grad, self.options.rank_for(tuple(grad.shape)), refresh_key, key.label)
+        state["refreshes"] = state.get("refreshes", 0) + 1
+        if projector.shared_refresh:
+            state["shared_refresh"] = number
+        if projector.resets_state:
+            self.core.reset(state)
+            self.residual.reset(state)
+        elif has_basis:
+            new_basis = projector.basis(state, rows, grad.device) if needs_bases else None
+            self.moments_policy(self.core, state, old_basis, new_basis, self._core_shape(state, grad.shape))
+
+    def _back_projected(self, grad_c: torch.Tensor, core_grad: Optional[torch.Tensor],
+                        direction: Optional[torch.Tensor], correction: float, state: dict,
+                        basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """U = scale P D + residual, canonical layout (the reference path); D may be overwritten. `basis`: the
+        dense basis already built for this update (else the projector's project_back builds it)."""
+        projector = self.projector
+        rows = grad_c.shape[0]
+
+        def project_back(core: torch.Tensor) -> torch.Tensor:
+            return basis @ core if basis is not None else projector.project_back(state, core, rows)
+
+        if core_grad is None:
+            update_c = self.residual(state, grad_c, None, None, None, 1.0)
+            return torch.zeros_like(grad_c) if update_c is None else update_c
+        extra = None
+        if not (self.residual.vanishes_on_full and projector.is_full(state)):
+            back = project_back(core_grad) if self.residual.needs_back else None
+            extra = self.residual(state, grad_c, core_grad, direction, back, correction)
+        # project_back may return `direction` itself (active block): it is not needed any more
+        update_c = project_back(direction)
+        if self.options.scale != 1.0:
+            update_c.mul_(self.options.scale)
+        if extra is not None:
+            update_c.add_(extra)
+        return update_c
 
     def _fuses_epilogue(self, state: dict) -> bool:
         """Whether lowmem.kernels.residual's epilogue applies: a residual policy it implements, and a basis it
