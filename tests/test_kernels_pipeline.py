@@ -11,7 +11,7 @@ import torch
 from lowmem.config import ConfigError
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import (AdafactorOptions, AdamW4bitOptions, AdamW8bitOptions, FiraOptions, FrugalOptions,
-                                   GaloreOptions, MicroAdamOptions)
+                                   GaloreOptions, MicroAdamOptions, SpamOptions, StableSpamOptions)
 from lowmem.optim.registry import parse_optimizer_options
 
 
@@ -169,3 +169,25 @@ def test_bf16_weights_through_the_epilogue():
     triton = run(with_kernels(FiraOptions(rank=8), "triton"), torch.bfloat16, params=odd_params(torch.bfloat16))
     reference = run(with_kernels(FiraOptions(rank=8), "torch"), torch.bfloat16, params=odd_params(torch.bfloat16))
     assert_same_run(triton, reference, torch.bfloat16)
+
+
+@pytest.mark.parametrize("options", [
+    SpamOptions(reset_interval=3, spam_clip_delay=1, reset_warmup=2, spam_theta=2.0),
+    SpamOptions(reset_interval=3, spam_clip_delay=1, spam_theta=2.0, state_dtype="int8"),
+    StableSpamOptions(reset_interval=3, reset_with_old_moments=True),
+    GaloreOptions(rank=8, transforms=["spam"], reset_interval=3, spam_clip_delay=1, spam_theta=2.0),
+], ids=["spam", "spam-int8", "stable-spam-quirk", "galore-spam"])
+def test_spam_transforms_fused_with_adam(options, monkeypatch):
+    """SPAM's clip and moment reset run inside the fused Adam pass (dense weights: the whole update; projected
+    cores: the direction), AdaClip / AdaGN in torch before it: the same run as kernels: torch, and the fused
+    kernels are the ones taken."""
+    from lowmem.kernels import adam
+
+    clips = []
+    original = adam._launch
+    monkeypatch.setattr(adam, "_launch", lambda *a, **k: clips.append(a[-1] if len(a) > 14 else k.get("clip"))
+                        or original(*a, **k))
+    triton = run(with_kernels(options, "triton"), steps=5, params=odd_params())
+    assert len(clips) == 5 * 5 and any(c is not None for c in clips) == ("spam" in options.transforms)
+    reference = run(with_kernels(options, "torch"), steps=5, params=odd_params())
+    assert_same_run(triton, reference, torch.float32)

@@ -245,8 +245,8 @@ class PipelineOptimizer(torch.optim.Optimizer):
         decay = group["lr"] * group["weight_decay"]
         if projected:
             update, decay_scale = self._projected_update(grad, state, group, key, ctx, step)
-        elif ctx.fused and step is None and self.core.fused_update(weight, grad, state, group, decay):
-            update = None  # the kernel has updated the weight (transforms wrap the core: not with them)
+        elif ctx.fused and self._fused_dense_update(weight, grad, state, group, decay, step):
+            update = None  # the kernel has updated the weight
         else:
             update, decay_scale, _ = self._core_step(grad, state, group, ctx, step)
         if update is not None and step is not None and step.lr_scale != 1.0:
@@ -262,13 +262,35 @@ class PipelineOptimizer(torch.optim.Optimizer):
             self._backends[device.type] = resolve_backend(self.options.kernels, device)
         return self._backends[device.type] == "triton"
 
+    def _fused_dense_update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, decay: float,
+                            step: Optional[TransformStep]) -> bool:
+        """Step a dense weight in one fused kernel pass, with the transforms' core-stage work in it (SPAM's clip,
+        the moment reset before it, the warm-up's lr scale); False, with nothing done, where it cannot."""
+        clip, lr_scale = None, 1.0
+        if step is not None:
+            if not (self.transforms.core_parts_fusable and self.core.fuses_clip(grad.shape)):
+                return False
+            clip = self.transforms.before_fused_core(state, self.core, step, grad.shape)
+            lr_scale = step.lr_scale
+        if not self.core.fused_update(weight, grad, state, group, decay, lr_scale, clip):
+            return False
+        if step is not None:
+            self.transforms.after_core(state, self.core, step, grad.shape)
+        return True
+
     def _core_step(self, core_grad: torch.Tensor, state: dict, group: dict, ctx: CoreContext,
                    step: Optional[TransformStep]) -> tuple[torch.Tensor, float, float]:
         """The core's direction for `core_grad` (with the transforms that act on the core around it), its
-        decay scale and the bias correction it carries."""
+        decay scale and the bias correction it carries. On the fused path SPAM's clip runs in the core's
+        kernel (ctx.clip) where the core fuses it."""
+        ctx.clip = None
         if step is not None:
-            core_grad = self.transforms.before_core(core_grad, state, self.core, step)
+            if ctx.fused and self.transforms.core_parts_fusable and self.core.fuses_clip(core_grad.shape):
+                ctx.clip = self.transforms.before_fused_core(state, self.core, step, core_grad.shape)
+            else:
+                core_grad = self.transforms.before_core(core_grad, state, self.core, step)
         result = self.core.step(core_grad, state, group, ctx)
+        ctx.clip = None
         if step is not None:
             self.transforms.after_core(state, self.core, step, core_grad.shape)
         return result.direction, result.decay_scale, result.bias_correction
