@@ -64,6 +64,17 @@ def _normalize(x, absmax):
 
 
 @jit
+def _spam_clip(g, v, theta, CLIP: tl.constexpr):
+    """SPAM's spike clipping against the second moment before this update (`transforms.SpamClip`): entries with
+    g^2 > theta V become sign(g) sqrt(theta V)."""
+    if CLIP:
+        limit = v * theta
+        sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+        g = tl.where(g * g > limit, sign * tl.sqrt_rn(limit), g)
+    return g
+
+
+@jit
 def _adam_math(g, m, v, beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr, EPS_SCALED: tl.constexpr):
     """`cores.adam_math` element-wise: new moments and the bias-corrected direction."""
     m = m * beta1 + g * omb1
@@ -89,9 +100,10 @@ def _write(out_ptr, idx, mask, d, ncols, o_s0, o_s1, neg_lr, keep, seed,
 @jit
 def _adam_tile(block0, numel, out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, m_map, m_mid, v_map, v_mid,
                ncols, g_s0, g_s1, o_s0, o_s1, beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr,
-               neg_lr, keep, seed, STATE: tl.constexpr, WRITE: tl.constexpr, EPS_SCALED: tl.constexpr,
-               STRIDED: tl.constexpr, STOCHASTIC: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """ROWS consecutive blocks of QBLOCK elements, starting at block `block0`."""
+               neg_lr, keep, seed, theta, STATE: tl.constexpr, WRITE: tl.constexpr, EPS_SCALED: tl.constexpr,
+               STRIDED: tl.constexpr, STOCHASTIC: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr,
+               CLIP: tl.constexpr):
+    """ROWS consecutive blocks of QBLOCK elements, starting at block `block0`; CLIP: SPAM's clip first."""
     rows = block0 + tl.arange(0, ROWS)
     row_mask = rows * QBLOCK < numel
     if STATE == 3:  # INT4: byte pairs, element 2i in the low nibble
@@ -107,12 +119,12 @@ def _adam_tile(block0, numel, out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale
         v_scale = tl.load(v_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
         g_lo = tl.load(g_ptr + offset(lo, ncols, g_s0, g_s1, STRIDED), mask=lo_mask, other=0.0).to(tl.float32)
         g_hi = tl.load(g_ptr + offset(hi, ncols, g_s0, g_s1, STRIDED), mask=hi_mask, other=0.0).to(tl.float32)
-        m_lo, v_lo, d_lo = _adam_math(g_lo, tl.load(m_map + (m_bytes & 15)) * m_scale,
-                                      tl.load(v_map + (v_bytes & 15)) * v_scale,
-                                      beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr, EPS_SCALED)
-        m_hi, v_hi, d_hi = _adam_math(g_hi, tl.load(m_map + (m_bytes >> 4)) * m_scale,
-                                      tl.load(v_map + (v_bytes >> 4)) * v_scale,
-                                      beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr, EPS_SCALED)
+        v_lo = tl.load(v_map + (v_bytes & 15)) * v_scale
+        v_hi = tl.load(v_map + (v_bytes >> 4)) * v_scale
+        m_lo, v_lo, d_lo = _adam_math(_spam_clip(g_lo, v_lo, theta, CLIP), tl.load(m_map + (m_bytes & 15)) * m_scale,
+                                      v_lo, beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr, EPS_SCALED)
+        m_hi, v_hi, d_hi = _adam_math(_spam_clip(g_hi, v_hi, theta, CLIP), tl.load(m_map + (m_bytes >> 4)) * m_scale,
+                                      v_hi, beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr, EPS_SCALED)
         m_lo = tl.where(lo_mask, m_lo, 0.0)
         m_hi = tl.where(hi_mask, m_hi, 0.0)
         v_lo = tl.where(lo_mask, v_lo, 0.0)
@@ -141,6 +153,7 @@ def _adam_tile(block0, numel, out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale
         else:
             m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        g = _spam_clip(g, v, theta, CLIP)
         m, v, d = _adam_math(g, m, v, beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr, EPS_SCALED)
         if STATE == 2:
             m = tl.where(mask, m, 0.0)
@@ -160,12 +173,13 @@ def _adam_tile(block0, numel, out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale
 @jit
 def _adam_kernel(out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, m_map, m_mid, v_map, v_mid,
                  numel, ncols, g_s0, g_s1, o_s0, o_s1, beta1, omb1, beta2, omb2, eps, bias1, bias2_sqrt, corr,
-                 neg_lr, keep, seed, STATE: tl.constexpr, WRITE: tl.constexpr, EPS_SCALED: tl.constexpr,
-                 STRIDED: tl.constexpr, STOCHASTIC: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr):
+                 neg_lr, keep, seed, theta, STATE: tl.constexpr, WRITE: tl.constexpr, EPS_SCALED: tl.constexpr,
+                 STRIDED: tl.constexpr, STOCHASTIC: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr,
+                 CLIP: tl.constexpr):
     _adam_tile(tl.program_id(0) * ROWS, numel, out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr,
                m_map, m_mid, v_map, v_mid, ncols, g_s0, g_s1, o_s0, o_s1, beta1, omb1, beta2, omb2, eps,
-               bias1, bias2_sqrt, corr, neg_lr, keep, seed, STATE, WRITE, EPS_SCALED, STRIDED, STOCHASTIC,
-               QBLOCK, ROWS)
+               bias1, bias2_sqrt, corr, neg_lr, keep, seed, theta, STATE, WRITE, EPS_SCALED, STRIDED, STOCHASTIC,
+               QBLOCK, ROWS, CLIP)
 
 
 @jit
@@ -196,7 +210,7 @@ def _adam_multi_kernel(addr_ptr, numel_ptr, starts_ptr, hyper_ptr, seed_ptr, num
                _pointer(row + 3, S_DTYPE), _pointer(row + 4, tl.float32), _pointer(row + 5, tl.float32),
                m_map, m_mid, v_map, v_mid, numel, 0, 1, 0, 1, beta1, omb1, beta2, omb2, eps,
                tl.load(hyper), tl.load(hyper + 1), tl.load(hyper + 2), tl.load(hyper + 3), tl.load(hyper + 4),
-               tl.load(seed_ptr + t), STATE, WRITE, EPS_SCALED, False, STOCHASTIC, QBLOCK, ROWS)
+               tl.load(seed_ptr + t), 0.0, STATE, WRITE, EPS_SCALED, False, STOCHASTIC, QBLOCK, ROWS, False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,7 +283,7 @@ def _maps(storage: Storage, device: torch.device) -> tuple[torch.Tensor, ...]:
 
 def _launch(out: torch.Tensor, grad: torch.Tensor, state: dict, storage: Storage, write: int, step: int,
             beta1: float, beta2: float, eps: float, eps_scaled: bool, lr: float, decay: float,
-            stochastic_rounding: bool, seed: int) -> None:
+            stochastic_rounding: bool, seed: int, clip: Optional[float] = None) -> None:
     numel = grad.numel()
     if not handles(storage, grad.shape):
         raise ValueError("the fused Adam kernels do not keep rank-1 int4 moments; use the reference path")
@@ -288,31 +302,35 @@ def _launch(out: torch.Tensor, grad: torch.Tensor, state: dict, storage: Storage
     grid = (cdiv(cdiv(numel, qblock), rows),)
     _adam_kernel[grid](out, grad, m, v, m_scale, v_scale, *_maps(storage, grad.device),
                        numel, ncols, g_s0, g_s1, o_s0, o_s1, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                       bias1, bias2_sqrt, corr, -lr, 1.0 - decay, seed, STATE=kind, WRITE=write,
+                       bias1, bias2_sqrt, corr, -lr, 1.0 - decay, seed, clip or 0.0, STATE=kind, WRITE=write,
                        EPS_SCALED=eps_scaled, STRIDED=strided, STOCHASTIC=stochastic_rounding, QBLOCK=qblock,
-                       ROWS=rows)
+                       ROWS=rows, CLIP=clip is not None)
 
 
 def adam_direction(grad: torch.Tensor, state: dict, storage: Storage, step: int, beta1: float, beta2: float,
-                   eps: float, eps_scaled: bool) -> torch.Tensor:
+                   eps: float, eps_scaled: bool, clip: Optional[float] = None) -> torch.Tensor:
     """Update the moments in `state` (kept by `storage`, already initialized) with `grad` and return the
-    bias-corrected direction as a fresh fp32 tensor of grad's shape; `step` counts this update (1 first)."""
+    bias-corrected direction as a fresh fp32 tensor of grad's shape; `step` counts this update (1 first).
+    clip: SPAM's theta, the gradient clipped against the stored second moment first (None: no clipping)."""
     direction = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
-    _launch(direction, grad, state, storage, DIRECTION, step, beta1, beta2, eps, eps_scaled, 0.0, 0.0, False, 0)
+    _launch(direction, grad, state, storage, DIRECTION, step, beta1, beta2, eps, eps_scaled, 0.0, 0.0, False, 0,
+            clip)
     return direction
 
 
 def adam_update(param: torch.Tensor, grad: torch.Tensor, state: dict, storage: Storage, step: int, lr: float,
                 beta1: float, beta2: float, eps: float, eps_scaled: bool, decay: float = 0.0,
-                decay_after: bool = False, stochastic_rounding: bool = False, seed: int = 0) -> None:
+                decay_after: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+                clip: Optional[float] = None) -> None:
     """Update the moments and the fp32 or bf16 weight `param` in place: W -= lr * D, with the weight multiplied
     by (1 - decay) before the step (torch's convention) or after it (decay_after: GaLore's); decay is
-    lr * weight_decay. bf16 weights round to nearest, or stochastically (seeded by `seed`)."""
+    lr * weight_decay. bf16 weights round to nearest, or stochastically (seeded by `seed`). clip: as in
+    adam_direction."""
     if stochastic_rounding and param.dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding applies to bf16 weights, got {param.dtype}")
     write = DECAY_AFTER if decay_after else DECAY_BEFORE
     _launch(param, grad, state, storage, write, step, beta1, beta2, eps, eps_scaled, lr, decay,
-            stochastic_rounding, seed)
+            stochastic_rounding, seed, clip)
 
 
 # ---------------------------------------------------------------------------------------------------------

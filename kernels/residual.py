@@ -17,7 +17,8 @@ P R and P D come from one matmul, P [R | D] (cuBLAS). Fira's limiter needs the r
 weight moves: one reduction kernel reads Gc and P R for it, and the limiter stays on the device (no host
 sync). Then one epilogue kernel reads W, Gc, P R, P D and writes W, whatever the layout (2-D tiles with
 strides: transposed weights and non-contiguous gradients need no copies). An empty subspace (an inactive
-FRUGAL block) runs the same epilogue on Gc alone (or, with no residual, only the decay). The reference is the pipeline's own code:
+FRUGAL block) runs the same epilogue on Gc alone (or, with no residual, only the decay); the whole space (an
+active block, P = I) runs it on D itself, with no GEMM. The reference is the pipeline's own code:
 `reference_projected_update`.
 """
 from __future__ import annotations
@@ -112,17 +113,25 @@ def _fira_factor(residual: FiraResidual, state: dict, grad_c: torch.Tensor, back
     return phi, k.reshape(1), c
 
 
+def handles(residual: ResidualPolicy) -> bool:
+    """Whether the epilogue implements this residual policy (the pipeline's own code runs any other)."""
+    return isinstance(residual, (DropResidual, FiraResidual, SignSGDResidual, SGDResidual))
+
+
 def projected_update(weight: torch.Tensor, grad: torch.Tensor, basis: Optional[torch.Tensor],
                      core_grad: Optional[torch.Tensor], direction: Optional[torch.Tensor],
                      residual: ResidualPolicy, state: dict, bias_correction: float, lr: float, decay: float,
                      decay_after: bool, stochastic_rounding: bool = False, seed: int = 0) -> None:
     """Update `weight` (fp32 or bf16, original orientation) in place from the core's `direction` D of
-    `core_grad` R = basis^T canonical(grad) (basis: fp32 b x r; None with R and D for an empty subspace).
+    `core_grad` R = basis^T canonical(grad) (basis: fp32 b x r; None for the identity, the whole space of an
+    active FRUGAL block, where R = canonical(grad); None with R and D None for an empty subspace).
     `residual` is the optimizer's policy (its scale is GaLore's alpha), `state` the weight's (Fira keeps its
     limiter norm there); decay = lr * weight_decay * the core's decay scale, applied after the step with
     decay_after (GaLore's convention) or before (torch's)."""
     if stochastic_rounding and weight.dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding applies to bf16 weights, got {weight.dtype}")
+    if not handles(residual):
+        raise ValueError(f"no fused epilogue for the residual policy {type(residual).__name__}")
     grad_c, weight_c = canonical(grad), canonical(weight)
     scale = residual.scale
     if basis is not None and isinstance(residual, DropResidual) and weight.dtype == torch.float32:
@@ -130,23 +139,27 @@ def projected_update(weight: torch.Tensor, grad: torch.Tensor, basis: Optional[t
         alpha = -lr * scale * ((1.0 - decay) if decay_after else 1.0)
         weight_c.addmm_(basis, direction, beta=1.0 - decay, alpha=alpha)
         return
+    full = basis is None and direction is not None
+    with_residual = not isinstance(residual, DropResidual) and not (full and residual.vanishes_on_full)
     mode, c, phi, k = NONE, 1.0, None, None
     pd = back = None
-    if basis is not None:
-        if isinstance(residual, DropResidual):
+    if full:
+        pd, back = direction, core_grad
+    elif basis is not None:
+        if not with_residual:
             pd = basis @ direction
         else:
             stacked = basis @ torch.cat([core_grad, direction], dim=1)  # [P R | P D], one GEMM
             back, pd = stacked[:, :core_grad.shape[1]], stacked[:, core_grad.shape[1]:]
-    if isinstance(residual, FiraResidual):
-        if basis is not None:  # an empty subspace has phi = 0: no residual
+    if not with_residual:
+        back = None
+    elif isinstance(residual, FiraResidual):
+        if direction is not None:  # an empty subspace has phi = 0: no residual
             mode = LINEAR
             phi, k, c = _fira_factor(residual, state, grad_c, back, core_grad, direction, bias_correction)
-    elif isinstance(residual, (SignSGDResidual, SGDResidual)):
+    else:
         mode = SIGN if isinstance(residual, SignSGDResidual) else LINEAR
         k = torch.full((1,), scale * residual.inactive_lr_scale, device=grad.device)
-    elif not isinstance(residual, DropResidual):
-        raise ValueError(f"no fused epilogue for the residual policy {type(residual).__name__}")
     rows, cols = grad_c.shape
     block_r, block_c = _tiles(grad.device)
     dummy = grad_c
@@ -164,14 +177,16 @@ def reference_projected_update(weight: torch.Tensor, grad: torch.Tensor, basis: 
                                decay: float, decay_after: bool) -> None:
     """The pipeline's `_projected_update` after the core step, and its `update_weight` / `_step_param`."""
     grad_c = canonical(grad.float())
-    if basis is None:
+    if direction is None:
         update_c = residual(state, grad_c, None, None, None, 1.0)
         if update_c is None:
             update_c = torch.zeros_like(grad_c)
     else:
-        back = basis @ core_grad if residual.needs_back else None
-        extra = residual(state, grad_c, core_grad, direction, back, bias_correction)
-        update_c = (basis @ direction).mul_(residual.scale)
+        extra = None
+        if basis is not None or not residual.vanishes_on_full:
+            back = (core_grad if basis is None else basis @ core_grad) if residual.needs_back else None
+            extra = residual(state, grad_c, core_grad, direction, back, bias_correction)
+        update_c = (direction if basis is None else basis @ direction) * residual.scale
         if extra is not None:
             update_c.add_(extra)
     update = update_c.T if grad.shape[0] >= grad.shape[1] else update_c

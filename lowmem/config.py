@@ -49,6 +49,8 @@ class QuantConfig:
     keep_outliers: int = 2  # largest |values| per group kept exact: activations, and fp4 weights
     stochastic_rounding: bool = False  # int4 weights and activations, in training mode only
     target_modules: list[str] = field(default_factory=lambda: list(QUANT_TARGETS))  # module-name substrings
+    # auto (Triton's fused quantizers on CUDA, the torch reference elsewhere) | triton | torch (lowmem.kernels)
+    kernels: str = "auto"
 
 
 @dataclass
@@ -423,6 +425,9 @@ def _validate_quant(q: QuantConfig) -> None:
              f"model.quant.keep_outliers: {q.keep_outliers} leaves nothing to quantize in a group of "
              f"model.quant.group_size {q.group_size}; keep fewer than the group size")
     _require(len(q.target_modules) > 0, "model.quant.target_modules: list at least one module-name pattern")
+    from lowmem.kernels.dispatch import BACKENDS
+
+    _require(q.kernels in BACKENDS, f"model.quant.kernels: unknown value '{q.kernels}'; choose from {list(BACKENDS)}")
 
 
 def _validate_instruct(config: Config) -> None:

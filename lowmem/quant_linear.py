@@ -15,14 +15,30 @@ from torch import nn
 
 from lowmem.config import ConfigError, QuantConfig, closest
 from lowmem.fake_quant import linear_grads, quantize_activation, quantize_weight
+from lowmem.kernels.dispatch import resolve_backend
 
 
 def quant_enabled(quant: QuantConfig | None) -> bool:
     return quant is not None and (quant.weights != "none" or quant.activations != "none")
 
 
+REFERENCES = {"weight": quantize_weight, "activation": quantize_activation}  # lowmem.fake_quant's, by operand
+
+
+def _quantize(t: torch.Tensor, kind: str, quant: QuantConfig, stochastic: bool) -> torch.Tensor:
+    """Q(t) for operand `kind` (weight | activation): lowmem.kernels.fake_quant where quant.kernels resolves to
+    Triton for t's device (round to nearest), the torch reference otherwise."""
+    fmt = quant.weights if kind == "weight" else quant.activations
+    if fmt != "none" and resolve_backend(quant.kernels, t.device) == "triton":
+        from lowmem.kernels import fake_quant as fused  # lazily: kernel modules import Triton
+
+        if fused.handles(fmt, stochastic):
+            return fused.fake_quantize(t, kind, fmt, quant.group_size, quant.keep_outliers)
+    return REFERENCES[kind](t, fmt, quant.group_size, quant.keep_outliers, stochastic)
+
+
 def _weight(w: torch.Tensor, quant: QuantConfig, stochastic: bool) -> torch.Tensor:
-    return quantize_weight(w, quant.weights, quant.group_size, quant.keep_outliers, stochastic)
+    return _quantize(w, "weight", quant, stochastic)
 
 
 class FakeQuantLinearFunction(torch.autograd.Function):
@@ -31,7 +47,7 @@ class FakeQuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, quant: QuantConfig, stochastic: bool):
-        qx = quantize_activation(x, quant.activations, quant.group_size, quant.keep_outliers, stochastic)
+        qx = _quantize(x, "activation", quant, stochastic)
         qw = _weight(weight, quant, stochastic)
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # (the planner's trace)
         if autocast:  # multiply (and save qx) in the autocast dtype, as nn.Linear

@@ -10,7 +10,8 @@ import torch
 
 from lowmem.config import ConfigError
 from lowmem.optim.pipeline import PipelineOptimizer
-from lowmem.optim.presets import AdamW4bitOptions, AdamW8bitOptions, FiraOptions, FrugalOptions, GaloreOptions
+from lowmem.optim.presets import (AdafactorOptions, AdamW4bitOptions, AdamW8bitOptions, FiraOptions, FrugalOptions,
+                                   GaloreOptions, MicroAdamOptions, SpamOptions, StableSpamOptions)
 from lowmem.optim.registry import parse_optimizer_options
 
 
@@ -119,3 +120,74 @@ def test_kernels_option_is_validated(monkeypatch):
         with pytest.raises(ConfigError, match="need CUDA tensors"):
             parse_optimizer_options({"name": "galore", "kernels": "triton"})
     assert parse_optimizer_options({"name": "adamw8bit", "kernels": "torch"}).kernels == "torch"
+
+
+def odd_params(dtype=torch.float32):
+    """Projected matrices of sizes that are no multiple of any tile (wide and tall), a dense matrix and a vector."""
+    gen = torch.Generator().manual_seed(2)
+    mats = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in ((37, 90), (90, 37), (45, 70))]
+    dense = [torch.nn.Parameter((torch.randn(67, 29, generator=gen) * 0.1).to(dtype)),
+             torch.nn.Parameter(torch.ones(29, dtype=dtype))]
+    return mats, dense
+
+
+def with_kernels(options, kernels):
+    return type(options)(**{**options.__dict__, "kernels": kernels})
+
+
+@pytest.mark.parametrize("options", [
+    GaloreOptions(rank=8),
+    GaloreOptions(rank=8, state_dtype="int8", adam_convention="torch"),
+    FiraOptions(rank=8),
+    FiraOptions(rank=8, fira_variant="paper"),
+    FrugalOptions(density=0.5, update_gap=2),
+    FrugalOptions(projector="svd", rank=8, residual="sgd"),
+    AdafactorOptions(),
+    AdafactorOptions(betas=(0.9, 0.999), lr=1e-2, relative_step=False),
+    MicroAdamOptions(window=3, topk_block=512, k_init=0.05),
+], ids=["galore", "galore-int8-torch", "fira-code", "fira-paper", "frugal-blocks", "frugal-svd-sgd", "adafactor",
+        "adafactor-momentum", "microadam"])
+def test_presets_on_the_kernels_match_the_torch_path(options):
+    """A few whole updates of each preset: the projected epilogue (back-projection, Fira's / FRUGAL's residual,
+    decay), Adafactor's and MicroAdam's kernels, against kernels: torch (rtol 1e-5 on fp32 weights)."""
+    triton = run(with_kernels(options, "triton"), steps=3, params=odd_params())
+    reference = run(with_kernels(options, "torch"), steps=3, params=odd_params())
+    assert_same_run(triton, reference, torch.float32)
+
+
+def test_projected_epilogue_is_the_path_taken(monkeypatch):
+    from lowmem.kernels import residual
+
+    calls = []
+    original = residual.projected_update
+    monkeypatch.setattr(residual, "projected_update", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run(with_kernels(FiraOptions(rank=8), "triton"), steps=2, params=odd_params())
+    assert len(calls) == 2 * 3
+
+
+def test_bf16_weights_through_the_epilogue():
+    triton = run(with_kernels(FiraOptions(rank=8), "triton"), torch.bfloat16, params=odd_params(torch.bfloat16))
+    reference = run(with_kernels(FiraOptions(rank=8), "torch"), torch.bfloat16, params=odd_params(torch.bfloat16))
+    assert_same_run(triton, reference, torch.bfloat16)
+
+
+@pytest.mark.parametrize("options", [
+    SpamOptions(reset_interval=3, spam_clip_delay=1, reset_warmup=2, spam_theta=2.0),
+    SpamOptions(reset_interval=3, spam_clip_delay=1, spam_theta=2.0, state_dtype="int8"),
+    StableSpamOptions(reset_interval=3, reset_with_old_moments=True),
+    GaloreOptions(rank=8, transforms=["spam"], reset_interval=3, spam_clip_delay=1, spam_theta=2.0),
+], ids=["spam", "spam-int8", "stable-spam-quirk", "galore-spam"])
+def test_spam_transforms_fused_with_adam(options, monkeypatch):
+    """SPAM's clip and moment reset run inside the fused Adam pass (dense weights: the whole update; projected
+    cores: the direction), AdaClip / AdaGN in torch before it: the same run as kernels: torch, and the fused
+    kernels are the ones taken."""
+    from lowmem.kernels import adam
+
+    clips = []
+    original = adam._launch
+    monkeypatch.setattr(adam, "_launch", lambda *a, **k: clips.append(a[-1] if len(a) > 14 else k.get("clip"))
+                        or original(*a, **k))
+    triton = run(with_kernels(options, "triton"), steps=5, params=odd_params())
+    assert len(clips) == 5 * 5 and any(c is not None for c in clips) == ("spam" in options.transforms)
+    reference = run(with_kernels(options, "torch"), steps=5, params=odd_params())
+    assert_same_run(triton, reference, torch.float32)

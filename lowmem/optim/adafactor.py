@@ -27,6 +27,7 @@ import math
 import torch
 
 from lowmem.optim.cores import FIRST, SECOND, Core, CoreStep, moment_parts, register_core
+from lowmem.optim.storage import QuantizedStorage
 
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
 RELATIVE_STEP_CAP = 1e-2
@@ -82,6 +83,8 @@ class AdafactorCore(Core):
         state["factor_step"] += 1
         step = state["factor_step"]
         beta2 = 1.0 - step ** o.decay_rate
+        if ctx.fused and grad.dim() == 2:
+            return self._fused_step(grad, state, group, beta2, self._step_factor(step, ctx.weight))
         if factored:
             update = adafactor_math(grad, state[ROW], state[COL], None, beta2, o.adafactor_eps[0], o.clip_threshold)
         else:
@@ -101,6 +104,27 @@ class AdafactorCore(Core):
             storage.write(state, FIRST, exp_avg, "signed")
             update = exp_avg.clone() if exp_avg is state.get(FIRST) else exp_avg
         return CoreStep(update, 1.0, decay_scale=factor)
+
+    def _fused_step(self, grad: torch.Tensor, state: dict, group: dict, beta2: float, factor: float) -> CoreStep:
+        """`step` for a matrix on lowmem.kernels.adafactor: the statistics, clipping and first moment in three
+        passes over the gradient. An fp32 or bf16 first moment is updated by the kernel where it is stored; a
+        quantized one through an fp32 copy."""
+        from lowmem.kernels import adafactor as fused  # lazily: kernel modules import Triton
+
+        o = self.options
+        beta1 = group["betas"][0]
+        exp_avg = storage = None
+        if beta1 > 0:
+            storage = self.policy.for_shape(grad.shape)
+            if not storage.holds(state, FIRST, grad.shape):
+                storage.zeros(state, FIRST, grad.shape, grad.device, "signed")
+            quantized = isinstance(storage, QuantizedStorage)
+            exp_avg = storage.read(state, FIRST, grad.shape, "signed") if quantized else state[FIRST]
+        direction = fused.adafactor_direction(grad, state[ROW], state[COL], beta2, o.adafactor_eps[0],
+                                              o.clip_threshold, factor, exp_avg, beta1)
+        if exp_avg is not None and exp_avg is not state[FIRST]:
+            storage.write(state, FIRST, exp_avg, "signed")
+        return CoreStep(direction, 1.0, decay_scale=factor)
 
     def reset_moments(self, state, shape):
         for key in (ROW, COL):

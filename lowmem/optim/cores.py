@@ -106,6 +106,7 @@ class CoreContext:
         self.weight = weight
         self.label = label
         self.fused = fused
+        self.clip: Optional[float] = None  # SPAM's theta for a fused kernel to clip the gradient with (fuses_clip)
 
 
 class Core:
@@ -125,9 +126,19 @@ class Core:
         raise NotImplementedError
 
     def fused_update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
-                     decay: float) -> bool:
-        """Step and update the fp32 `weight` in one fused kernel pass (W -= lr D, decay = lr * weight_decay as
-        the convention applies it); False, with nothing done, where the core has no such kernel."""
+                     decay: float, lr_scale: float = 1.0, clip: Optional[float] = None) -> bool:
+        """Step and update the fp32 `weight` in one fused kernel pass (W -= lr lr_scale D, decay = lr *
+        weight_decay as the convention applies it; clip: SPAM's theta, see fuses_clip); False, with nothing
+        done, where the core has no such kernel."""
+        return False
+
+    def fuses_clip(self, shape: torch.Size) -> bool:
+        """Whether the fused kernels apply SPAM's element-wise clip against the second moment themselves
+        (CoreContext.clip, fused_update's clip) for a gradient of this shape; then fused_update never declines."""
+        return False
+
+    def holds_moments(self, state: dict) -> bool:
+        """Whether `state` holds moments from an earlier update (second_moment would not be None)."""
         return False
 
     def reset(self, state: dict) -> None:
@@ -208,7 +219,7 @@ class AdamCore(Core):
 
             if fused.handles(storage, grad.shape):
                 direction = fused.adam_direction(grad, state, storage, state["adam_step"], beta1, beta2,
-                                                 group["eps"], self.convention.eps_scaled)
+                                                 group["eps"], self.convention.eps_scaled, ctx.clip)
                 return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
         exp_avg = storage.read(state, FIRST, grad.shape, "signed")
         exp_avg_sq = storage.read(state, SECOND, grad.shape, "unsigned")
@@ -227,16 +238,24 @@ class AdamCore(Core):
     def second_moment(self, state, shape):
         return self._storage(shape).read(state, SECOND, shape, "unsigned") if FIRST in state else None
 
-    def fused_update(self, weight, grad, state, group, decay):
+    def fused_update(self, weight, grad, state, group, decay, lr_scale=1.0, clip=None):
         from lowmem.kernels import adam as fused
 
-        if not fused.handles(self._storage(grad.shape), grad.shape):
+        if not self.fuses_clip(grad.shape):
             return False
         storage = self._count(grad, state)
         beta1, beta2 = group["betas"]
-        fused.adam_update(weight, grad, state, storage, state["adam_step"], group["lr"], beta1, beta2, group["eps"],
-                          self.convention.eps_scaled, decay, self.convention.decay_after)
+        fused.adam_update(weight, grad, state, storage, state["adam_step"], group["lr"] * lr_scale, beta1, beta2,
+                          group["eps"], self.convention.eps_scaled, decay, self.convention.decay_after, clip=clip)
         return True
+
+    def fuses_clip(self, shape):
+        from lowmem.kernels import adam as fused
+
+        return fused.handles(self._storage(tuple(shape)), shape)
+
+    def holds_moments(self, state):
+        return FIRST in state
 
     def rotate(self, state, rotation, shape):
         """Express the moments in a new basis, C = P_new^T P_old: M <- C M exactly, V <- (C*C) V, which is

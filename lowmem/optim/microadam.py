@@ -138,6 +138,11 @@ class MicroAdamCore(Core):
             state["window_values"] = torch.zeros(o.window, width, dtype=self.value_dtype, device=grad.device)
             state["ef_codes"], state["ef_min"], state["ef_max"] = ef_quantize(torch.zeros(numel, device=grad.device),
                                                                               o.ef_block)
+        beta1, beta2 = group["betas"]
+        if ctx.fused:  # the same update with its dense passes fused (lowmem.kernels.microadam)
+            from lowmem.kernels.microadam import microadam_direction
+
+            return CoreStep(microadam_direction(grad, state, o, beta1, beta2, group["eps"]))
         state["micro_step"] += 1
         step = state["micro_step"]
         corrected = grad.reshape(-1) + ef_dequantize(state["ef_codes"], state["ef_min"], state["ef_max"],
@@ -154,7 +159,6 @@ class MicroAdamCore(Core):
         rows = min(step, o.window)
         ages = (step - 1 - torch.arange(rows, device=grad.device)) % o.window
         indices = state["window_indices"][:rows].long() + starts
-        beta1, beta2 = group["betas"]
         direction = microadam_math(indices, state["window_values"][:rows].float(), ages, step, numel,
                                    beta1, beta2, group["eps"])
         return CoreStep(direction.view(grad.shape))

@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from lowmem.kernels.dispatch import resolve_backend
+from lowmem.optim.batched import BatchedStep
 from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
 from lowmem.optim.pipeline_options import PipelineOptions
 from lowmem.optim.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
@@ -144,10 +145,15 @@ class PipelineOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.begin_update()
+        # the reference path batches what it can across weights (lowmem.optim.batched); the rest, one by one
+        batch = BatchedStep(self) if BatchedStep.applies(self) else None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None or p in self._core_grads:
-                    self._step_param(p, group)
+                    if batch is None or not batch.add(p, group):
+                        self._step_param(p, group)
+        if batch is not None:
+            batch.finish()
         return loss
 
     def begin_update(self) -> None:
@@ -239,11 +245,11 @@ class PipelineOptimizer(torch.optim.Optimizer):
         decay = group["lr"] * group["weight_decay"]
         if projected:
             update, decay_scale = self._projected_update(grad, state, group, key, ctx, step)
-        elif ctx.fused and step is None and self.core.fused_update(weight, grad, state, group, decay):
-            update = None  # the kernel has updated the weight (transforms wrap the core: not with them)
+        elif ctx.fused and self._fused_dense_update(weight, grad, state, group, decay, step):
+            update = None  # the kernel has updated the weight
         else:
             update, decay_scale, _ = self._core_step(grad, state, group, ctx, step)
-        if step is not None and step.lr_scale != 1.0:
+        if update is not None and step is not None and step.lr_scale != 1.0:
             update.mul_(step.lr_scale)
         state["step"] += 1
         self._updates_done = max(self._updates_done, state["step"])
@@ -256,13 +262,35 @@ class PipelineOptimizer(torch.optim.Optimizer):
             self._backends[device.type] = resolve_backend(self.options.kernels, device)
         return self._backends[device.type] == "triton"
 
+    def _fused_dense_update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, decay: float,
+                            step: Optional[TransformStep]) -> bool:
+        """Step a dense weight in one fused kernel pass, with the transforms' core-stage work in it (SPAM's clip,
+        the moment reset before it, the warm-up's lr scale); False, with nothing done, where it cannot."""
+        clip, lr_scale = None, 1.0
+        if step is not None:
+            if not (self.transforms.core_parts_fusable and self.core.fuses_clip(grad.shape)):
+                return False
+            clip = self.transforms.before_fused_core(state, self.core, step, grad.shape)
+            lr_scale = step.lr_scale
+        if not self.core.fused_update(weight, grad, state, group, decay, lr_scale, clip):
+            return False
+        if step is not None:
+            self.transforms.after_core(state, self.core, step, grad.shape)
+        return True
+
     def _core_step(self, core_grad: torch.Tensor, state: dict, group: dict, ctx: CoreContext,
                    step: Optional[TransformStep]) -> tuple[torch.Tensor, float, float]:
         """The core's direction for `core_grad` (with the transforms that act on the core around it), its
-        decay scale and the bias correction it carries."""
+        decay scale and the bias correction it carries. On the fused path SPAM's clip runs in the core's
+        kernel (ctx.clip) where the core fuses it."""
+        ctx.clip = None
         if step is not None:
-            core_grad = self.transforms.before_core(core_grad, state, self.core, step)
+            if ctx.fused and self.transforms.core_parts_fusable and self.core.fuses_clip(core_grad.shape):
+                ctx.clip = self.transforms.before_fused_core(state, self.core, step, core_grad.shape)
+            else:
+                core_grad = self.transforms.before_core(core_grad, state, self.core, step)
         result = self.core.step(core_grad, state, group, ctx)
+        ctx.clip = None
         if step is not None:
             self.transforms.after_core(state, self.core, step, core_grad.shape)
         return result.direction, result.decay_scale, result.bias_correction
@@ -288,45 +316,101 @@ class PipelineOptimizer(torch.optim.Optimizer):
         rank = self.projector.core_rank(state, self.options.rank_for(shape), shape)
         return torch.Size((rank, small_side(shape)[1]))
 
-    def _projected_update(self, grad: torch.Tensor, state: dict, group: dict, key: WeightKey,
-                          ctx: CoreContext, step: Optional[TransformStep]) -> tuple[torch.Tensor, float]:
+    def _projected_update(self, grad: torch.Tensor, state: dict, group: dict, key: WeightKey, ctx: CoreContext,
+                          step: Optional[TransformStep]) -> tuple[Optional[torch.Tensor], float]:
+        """The update (the weight's orientation) and its decay scale; None for the update when the fused
+        epilogue has stepped ctx.weight itself (`_fuses_epilogue`)."""
         projector = self.projector
         grad_c = canonical(grad)
-        rows = grad_c.shape[0]
-        number = self._refresh_number(state, key)
-        if number is not None:
-            has_basis = state.get("refreshes", 0) > 0
-            needs_bases = self.moments_policy.needs_bases and has_basis and not projector.resets_state
-            old_basis = projector.basis(state, rows, grad.device) if needs_bases else None
-            refresh_key = RefreshKey(self.options.seed, key.identity, number, key.position)
-            projector.refresh(state, grad, self.options.rank_for(tuple(grad.shape)), refresh_key, key.label)
-            state["refreshes"] = state.get("refreshes", 0) + 1
-            if projector.shared_refresh:
-                state["shared_refresh"] = number
-            if projector.resets_state:
-                self.core.reset(state)
-                self.residual.reset(state)
-            elif has_basis:
-                new_basis = projector.basis(state, rows, grad.device) if needs_bases else None
-                self.moments_policy(self.core, state, old_basis, new_basis, self._core_shape(state, grad.shape))
-        decay_scale = 1.0
-        if projector.is_empty(state):  # inactive block: no core state, no projection
-            update_c = self.residual(state, grad_c, None, None, None, 1.0)
-            if update_c is None:
-                update_c = torch.zeros_like(grad_c)
-        else:
+        self._refresh_if_due(grad, state, key)
+        decay_scale, correction = 1.0, 1.0
+        core_grad = direction = None
+        if not projector.is_empty(state):  # an inactive block has no core state and no projection
             core_grad = projector.project(state, grad_c)
             direction, decay_scale, correction = self._core_step(core_grad, state, group, ctx, step)
-            extra = None
-            if not (self.residual.vanishes_on_full and projector.is_full(state)):
-                back = projector.project_back(state, core_grad, rows) if self.residual.needs_back else None
-                extra = self.residual(state, grad_c, core_grad, direction, back, correction)
-            # project_back may return `direction` itself (active block): it is not needed any more
-            update_c = projector.project_back(state, direction, rows).mul_(self.options.scale)
-            if extra is not None:
-                update_c.add_(extra)
-        projector.adapt(state, grad_c, group["lr"] / group["initial_lr"])
+        if ctx.fused and self._fuses_epilogue(state):
+            self._fused_epilogue(grad, core_grad, direction, correction, decay_scale, state, group, ctx, step)
+            update_c = None
+        else:
+            update_c = self._back_projected(grad_c, core_grad, direction, correction, state)
+        projector.adapt(state, grad_c, group["lr"] / group["initial_lr"], core_grad)
+        if update_c is None:
+            return None, decay_scale
         return (update_c.T if grad.shape[0] >= grad.shape[1] else update_c), decay_scale
+
+    def _refresh_if_due(self, grad: torch.Tensor, state: dict, key: WeightKey) -> None:
+        """Refresh the projector's basis when due, with what moments_on_refresh does to the core state."""
+        projector = self.projector
+        number = self._refresh_number(state, key)
+        if number is None:
+            return
+        rows = min(grad.shape)
+        has_basis = state.get("refreshes", 0) > 0
+        needs_bases = self.moments_policy.needs_bases and has_basis and not projector.resets_state
+        old_basis = projector.basis(state, rows, grad.device) if needs_bases else None
+        refresh_key = RefreshKey(self.options.seed, key.identity, number, key.position)
+        projector.refresh(state, grad, self.options.rank_for(tuple(grad.shape)), refresh_key, key.label)
+        state["refreshes"] = state.get("refreshes", 0) + 1
+        if projector.shared_refresh:
+            state["shared_refresh"] = number
+        if projector.resets_state:
+            self.core.reset(state)
+            self.residual.reset(state)
+        elif has_basis:
+            new_basis = projector.basis(state, rows, grad.device) if needs_bases else None
+            self.moments_policy(self.core, state, old_basis, new_basis, self._core_shape(state, grad.shape))
+
+    def _back_projected(self, grad_c: torch.Tensor, core_grad: Optional[torch.Tensor],
+                        direction: Optional[torch.Tensor], correction: float, state: dict,
+                        basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """U = scale P D + residual, canonical layout (the reference path); D may be overwritten. `basis`: the
+        dense basis already built for this update (else the projector's project_back builds it)."""
+        projector = self.projector
+        rows = grad_c.shape[0]
+
+        def project_back(core: torch.Tensor) -> torch.Tensor:
+            return basis @ core if basis is not None else projector.project_back(state, core, rows)
+
+        if core_grad is None:
+            update_c = self.residual(state, grad_c, None, None, None, 1.0)
+            return torch.zeros_like(grad_c) if update_c is None else update_c
+        extra = None
+        if not (self.residual.vanishes_on_full and projector.is_full(state)):
+            back = project_back(core_grad) if self.residual.needs_back else None
+            extra = self.residual(state, grad_c, core_grad, direction, back, correction)
+        # project_back may return `direction` itself (active block): it is not needed any more
+        update_c = project_back(direction)
+        if self.options.scale != 1.0:
+            update_c.mul_(self.options.scale)
+        if extra is not None:
+            update_c.add_(extra)
+        return update_c
+
+    def _fuses_epilogue(self, state: dict) -> bool:
+        """Whether lowmem.kernels.residual's epilogue applies: a residual policy it implements, and a basis it
+        can multiply by (a dense one, or none: an inactive or active block). The coordinates projector keeps
+        its scatter. Transforms are no obstacle: they act on the gradient and the core before it, and their
+        lr scale goes into the kernel's lr."""
+        from lowmem.kernels import residual as fused  # lazily: kernel modules import Triton
+
+        projector = self.projector
+        return fused.handles(self.residual) and (projector.dense_basis or projector.is_empty(state)
+                                                 or projector.is_full(state))
+
+    def _fused_epilogue(self, grad: torch.Tensor, core_grad: Optional[torch.Tensor], direction: Optional[torch.Tensor],
+                        correction: float, decay_scale: float, state: dict, group: dict, ctx: CoreContext,
+                        step: Optional[TransformStep]) -> None:
+        """Step ctx.weight by the core's direction in the fused epilogue: back-projection, scale, residual and
+        decay after one GEMM (none for an empty or a whole subspace)."""
+        from lowmem.kernels import residual as fused
+
+        projector = self.projector
+        basis = None
+        if core_grad is not None and not projector.is_full(state):
+            basis = projector.basis(state, min(grad.shape), grad.device)
+        lr = group["lr"] * (step.lr_scale if step is not None else 1.0)
+        fused.projected_update(ctx.weight, grad, basis, core_grad, direction, self.residual, state, correction, lr,
+                               group["lr"] * group["weight_decay"] * decay_scale, self.convention.decay_after)
 
     # -----------------------------------------------------------------------------------------------------
     # State

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -116,6 +116,7 @@ class Projector:
     """A basis stored as a dense b x r matrix under state['basis']; subclasses say how it is chosen."""
 
     periodic = True  # refreshed every update_gap updates; False: chosen once, then adapted every update
+    dense_basis = True  # project_back is basis() @ core: the fused epilogue may run that GEMM itself
     shared_refresh = False  # True: refresh numbers come from the optimizer's shared update counter
     resets_state = False  # True: every refresh clears the core state, whatever moments_on_refresh says
 
@@ -158,8 +159,10 @@ class Projector:
     def project_back(self, state: dict, core: torch.Tensor, rows: int) -> torch.Tensor:
         return self.basis(state, rows, core.device) @ core
 
-    def adapt(self, state: dict, grad_c: torch.Tensor, lr_factor: float) -> None:
-        """Called after every update; only online PCA moves its basis here."""
+    def adapt(self, state: dict, grad_c: torch.Tensor, lr_factor: float,
+              core_grad: Optional[torch.Tensor] = None) -> None:
+        """Called after every update; only online PCA moves its basis here. `core_grad` is this update's
+        P^T Gc with the same basis (None when it was not computed), which spares a projection."""
 
     def state_bytes(self, shape: tuple[int, ...], rank: int, itemsize: int) -> int:
         """Bytes this projector keeps in one weight's state (itemsize: bytes of a state element)."""
@@ -248,6 +251,8 @@ class CoordinateProjector(Projector):
     """FRUGAL's coordinates: a random subset of r rows of Gc (r columns of the weight's smaller side).
     Projection is a gather, back-projection a scatter; only the indices are stored."""
 
+    dense_basis = False  # a scatter, cheaper than a GEMM by a 0/1 basis
+
     def refresh(self, state, grad, rank, key, label="a projected weight"):
         order = torch.randperm(min(grad.shape), generator=_generator(key, torch.device("cpu")))
         state["indices"] = order[:rank].sort().values.to(grad.device)
@@ -298,6 +303,7 @@ class BlockProjector(Projector):
 
     shared_refresh = True  # refreshes follow the optimizer's update counter, not the weight's own count
     resets_state = True
+    dense_basis = False  # the subspace is empty or the whole space: no GEMM at all
 
     def refresh(self, state, grad, rank, key, label="a projected weight"):
         generator = _generator(RefreshKey(key.seed, 0, key.refresh), torch.device("cpu"))
@@ -358,14 +364,18 @@ class OnlinePCAProjector(Projector):
         state["basis_step"] = 0
         state["basis_fresh"] = True  # the first P step follows the update after the one that set it
 
-    def adapt(self, state, grad_c, lr_factor):
+    def adapt(self, state, grad_c, lr_factor, core_grad=None):
         if state.pop("basis_fresh", False):
             return
         p = state["basis"].float()
-        x = grad_c.float() / (grad_c.float().norm() + 1e-30)
-        residual = p @ (p.T @ x) - x  # E = P P^T X - X
-        # d/dP ||E||^2 = 2 (E X^T P + X E^T P)
-        grad_p = 2.0 * (residual @ (x.T @ p) + x @ (residual.T @ p))
+        grad_c = grad_c.float()
+        inv = 1.0 / (grad_c.norm() + 1e-30)  # X = inv Gc
+        core = core_grad if core_grad is not None else p.T @ grad_c  # R = P^T Gc: the core's, when given
+        # d/dP ||E||^2 = 2 (E X^T P + X E^T P), E = P P^T X - X. With X^T P = inv R^T it is, exactly,
+        # 2 inv^2 (P R R^T + Gc R^T (P^T P - 2 I)): one b x a GEMM, and E is never formed
+        gram = p.T @ p
+        gram.diagonal().sub_(2.0)
+        grad_p = (p @ (core @ core.T)).add_(grad_c @ (core.T @ gram)).mul_(2.0 * inv * inv)
         state["basis_step"] += 1
         exp_avg, exp_avg_sq = state["basis_exp_avg"].float(), state["basis_exp_avg_sq"].float()
         direction = adam_math(grad_p, exp_avg, exp_avg_sq, state["basis_step"], OSD_BETAS[0], OSD_BETAS[1], OSD_EPS,

@@ -80,15 +80,22 @@ class FiraResidual(ResidualPolicy):
         if code:
             phi.div_(bias_correction)  # ||N|| = ||D|| / bc
         residual.mul_(phi)
-        norm = residual.norm()
+        limit = self.limit(state, residual.norm())
+        if limit is not None:
+            residual.div_(limit)
+        return residual.mul_(bias_correction if code else self.scale)
+
+    def limit(self, state: dict, norm: torch.Tensor) -> Optional[torch.Tensor]:
+        """The limiter's divisor for a scaled residual of Frobenius norm `norm` (None on a first update), with the
+        limited norm stored for the next update."""
         previous = state.get("fira_norm")
+        limit = None
         if previous is not None:
             limit = torch.clamp(norm / (previous + FIRA_NORM_EPS), min=self.fira_gamma) / self.fira_gamma
             limit = torch.where(previous > 0, limit, torch.ones_like(limit))  # previous 0: as a first update
-            residual.div_(limit)
             norm = norm / limit
         state["fira_norm"] = norm.detach().float().reshape(())
-        return residual.mul_(bias_correction if code else self.scale)
+        return limit
 
     def state_bytes(self) -> int:
         return FIRA_NORM_BYTES

@@ -64,6 +64,7 @@ class Transform:
     name = ""
     stage = "gradient"  # gradient: on the whole gradient before projection; core: on the core gradient
     needs_second_moment = False
+    fusable = False  # a core-stage part the fused Adam kernels apply themselves (SPAM's clip against V)
 
     def __init__(self, options):
         self.options = options
@@ -130,6 +131,7 @@ class SpamClip(Transform):
     name = "spam_clip"
     stage = "core"
     needs_second_moment = True
+    fusable = True  # element-wise against V: lowmem.kernels.adam clips in its pass (CoreContext.clip)
 
     def apply(self, grad, state, step, second_moment: Optional[torch.Tensor] = None, **core):
         if not step.clips or second_moment is None:
@@ -203,18 +205,35 @@ class TransformChain:
         return {**group, "betas": (beta1 * step.anneal, beta2)}
 
     def before_core(self, core_grad: torch.Tensor, state: dict, core, step: TransformStep) -> torch.Tensor:
-        if step.resets:
-            if self.options.reset_with_old_moments:  # the code's quirk: this update runs as a first step
-                core.restart_count(state)
-            else:
-                core.reset_moments(state, core_grad.shape)
-                if self.options.reset_bias_correction:
-                    core.restart_count(state)
+        self.reset_before_core(state, core, step, core_grad.shape)
         if self.core_parts:
             second = core.second_moment(state, core_grad.shape)
             for part in self.core_parts:
                 core_grad = part.apply(core_grad, state, step, second_moment=second)
         return core_grad
+
+    def reset_before_core(self, state: dict, core, step: TransformStep, core_shape: torch.Size) -> None:
+        """The moment reset of a reset update (before_core's first half)."""
+        if step.resets:
+            if self.options.reset_with_old_moments:  # the code's quirk: this update runs as a first step
+                core.restart_count(state)
+            else:
+                core.reset_moments(state, core_shape)
+                if self.options.reset_bias_correction:
+                    core.restart_count(state)
+
+    @property
+    def core_parts_fusable(self) -> bool:
+        """Whether every core-stage part is one a fused kernel applies (before_fused_core)."""
+        return all(part.fusable for part in self.core_parts)
+
+    def before_fused_core(self, state: dict, core, step: TransformStep, core_shape: torch.Size) -> Optional[float]:
+        """before_core for a core whose fused kernel clips (core.fuses_clip): the reset, then SPAM's theta when
+        the clip applies to this update (None: no clipping), as SpamClip.apply decides it."""
+        self.reset_before_core(state, core, step, core_shape)
+        if self.core_parts and step.clips and core.holds_moments(state):
+            return self.options.spam_theta
+        return None
 
     def after_core(self, state: dict, core, step: TransformStep, core_shape: torch.Size) -> None:
         if step.resets and self.options.reset_with_old_moments:

@@ -1,0 +1,202 @@
+"""The reference path's batched step: `PipelineOptimizer.step()` on the pure-torch path (optimizer.kernels
+resolved to torch) runs the weights it can in three phases instead of one weight at a time:
+
+    1. per weight, in model order: the projector's refresh when due, then R = P^T Gc (one GEMM)
+    2. per parameter group, over all weights at once with torch._foreach ops: Adam on the dense weights with
+       the weight update in one addcdiv (as torch's AdamW(foreach=True) does it), and Adam on all projected
+       cores (their directions D)
+    3. per projected weight: the back-projection with the update folded into its GEMM (addmm's beta carries
+       the weight decay for drop, Fira's limited residual for fira), then the projector's adapt step
+
+Same math as `PipelineOptimizer.update_weight` up to rounding (the order of a few multiplications; the first
+moment by lerp, as torch's AdamW); the pipeline's tests against the released implementations hold it to
+their tolerances. Taken by: the adam core with fp32 states, fp32 weights and gradients, no transforms;
+anything else goes through update_weight, weight by weight.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from lowmem.optim.cores import FIRST, SECOND, bias_correction
+from lowmem.optim.projectors import canonical
+from lowmem.optim.residuals import FIRA_NORM_EPS, DropResidual, FiraResidual
+
+CHUNK_NUMEL = 1 << 24  # elements per foreach call: bounds the temporaries (the denominators) to 64 MiB or one tensor
+
+
+@dataclass
+class _Entry:
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    group: dict
+    grad_c: Optional[torch.Tensor] = None  # canonical gradient (projected weights)
+    core_grad: Optional[torch.Tensor] = None  # R = P^T Gc; None for an empty subspace
+    basis: Optional[torch.Tensor] = None  # P of a dense basis, built once for both GEMMs (random: one draw)
+
+
+def foreach_adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                        exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float,
+                        eps: float, eps_scaled: bool, decay: float, decay_after: bool) -> None:
+    """Adam with the weight update over lists of fp32 tensors (the pipeline's conventions, decay = lr * wd)."""
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bias1 = [1.0 - beta1 ** s for s in steps]
+    bias2_sqrt = [math.sqrt(1.0 - beta2 ** s) for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if eps_scaled:  # torch's: (m / b1) / (sqrt(v) / b2 + eps)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        step_sizes = [-lr / b1 for b1 in bias1]
+    else:  # GaLore's: b2 / b1 * m / (sqrt(v) + eps)
+        torch._foreach_add_(denom, eps)
+        step_sizes = [-lr * b2 / b1 for b1, b2 in zip(bias1, bias2_sqrt)]
+    if decay > 0 and not decay_after:
+        torch._foreach_mul_(params, 1.0 - decay)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+    if decay > 0 and decay_after:
+        torch._foreach_mul_(params, 1.0 - decay)
+
+
+def _chunks(entries: list[_Entry]) -> Iterator[list[_Entry]]:
+    chunk, size = [], 0
+    for entry in entries:
+        if chunk and size + entry.grad.numel() > CHUNK_NUMEL:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += entry.grad.numel()
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Epilogues by residual policy: the update folded into the back-projection GEMM (a dense basis, a proper
+# subspace). Each updates the canonical weight view in place; others take the pipeline's _back_projected.
+
+
+def _drop_epilogue(opt, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor, direction: torch.Tensor,
+                   correction: float, lr: float, decay: float) -> None:
+    """W <- (1 - decay) W - lr scale P D (torch's convention), or (1 - decay)(W - lr scale P D): one GEMM."""
+    alpha = -lr * opt.options.scale * ((1.0 - decay) if opt.convention.decay_after else 1.0)
+    weight_c.addmm_(basis, direction, beta=1.0 - decay, alpha=alpha)
+
+
+def _fira_epilogue(opt, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor, direction: torch.Tensor,
+                   correction: float, lr: float, decay: float) -> None:
+    """FiraResidual's S = phi (Gc - c P R), limited, then U = scale P D + k S in the GEMM's beta."""
+    residual: FiraResidual = opt.residual
+    code = residual.fira_variant == "code"
+    core_grad = entry.core_grad
+    s = torch.mm(basis, core_grad)
+    torch.sub(entry.grad_c, s, alpha=residual.scale if code else 1.0, out=s)
+    phi = direction.norm(dim=0).div_(core_grad.norm(dim=0).add_(FIRA_NORM_EPS))
+    if code:
+        phi.div_(correction)
+    s.mul_(phi)
+    limit = residual.limit(entry.state, s.norm())
+    k = correction if code else residual.scale
+    if limit is not None:
+        k = k / float(limit)  # a host sync: this path runs where torch runs the step (CPU, mostly)
+    s.addmm_(basis, direction, beta=k, alpha=residual.scale)
+    opt.convention.apply_update(weight_c, s, lr, decay)
+
+
+EPILOGUES: dict[type, Callable[..., None]] = {DropResidual: _drop_epilogue, FiraResidual: _fira_epilogue}
+
+
+class BatchedStep:
+    """One `step()`'s batched weights: `add` each (phase 1), then `finish` (phases 2 and 3)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.dense: dict[int, list[_Entry]] = {}
+        self.projected: dict[int, list[_Entry]] = {}
+        self.empty: list[_Entry] = []
+
+    @staticmethod
+    def applies(opt) -> bool:
+        """Whether the optimizer's rule can batch at all (the per-weight checks are in `add`)."""
+        return opt.options.core == "adam" and not opt.transforms and opt.policy.state_dtype == "fp32"
+
+    def add(self, p: torch.Tensor, group: dict) -> bool:
+        """Take p's update into the batch (its refresh and projection now); False: step it alone."""
+        opt = self.opt
+        grad = p.grad
+        if (grad is None or p in opt._core_grads or p.dtype != torch.float32 or grad.dtype != torch.float32
+                or grad.is_sparse or opt._fused(p.device)):
+            return False
+        state = opt.state[p]
+        state.setdefault("step", 0)
+        opt._update_index = max(opt._update_index, state["step"])
+        entry = _Entry(p, grad, state, group)
+        if opt._is_projected(p, group):
+            opt._refresh_if_due(grad, state, opt._keys[p])
+            entry.grad_c = canonical(grad)
+            if opt.projector.is_empty(state):
+                self.empty.append(entry)
+                return True
+            if opt.projector.dense_basis and not opt.projector.is_full(state):
+                entry.basis = opt.projector.basis(state, entry.grad_c.shape[0], grad.device)
+                entry.core_grad = entry.basis.T @ entry.grad_c  # Projector.project, with the basis kept
+            else:
+                entry.core_grad = opt.projector.project(state, entry.grad_c)
+            opt.core._count(entry.core_grad, state)
+            self.projected.setdefault(id(group), []).append(entry)
+        else:
+            opt.core._count(grad, state)
+            self.dense.setdefault(id(group), []).append(entry)
+        return True
+
+    def finish(self) -> None:
+        opt = self.opt
+        convention = opt.convention
+        for entries in self.dense.values():
+            group = entries[0].group
+            beta1, beta2 = group["betas"]
+            for chunk in _chunks(entries):
+                foreach_adam_update([e.param for e in chunk], [e.grad for e in chunk],
+                                    [e.state[FIRST] for e in chunk], [e.state[SECOND] for e in chunk],
+                                    [e.state["adam_step"] for e in chunk], group["lr"], beta1, beta2, group["eps"],
+                                    convention.eps_scaled, group["lr"] * group["weight_decay"],
+                                    convention.decay_after)
+        from lowmem.kernels.adam import foreach_adam_direction  # the reference module: no Triton needed
+
+        for entries in self.projected.values():
+            group = entries[0].group
+            beta1, beta2 = group["betas"]
+            for chunk in _chunks(entries):
+                directions = foreach_adam_direction([e.core_grad for e in chunk], [e.state[FIRST] for e in chunk],
+                                                    [e.state[SECOND] for e in chunk],
+                                                    [e.state["adam_step"] for e in chunk], beta1, beta2,
+                                                    group["eps"], convention.eps_scaled)
+                for entry, direction in zip(chunk, directions):
+                    self._epilogue(entry, direction, bias_correction(entry.state["adam_step"], beta1, beta2))
+        for entry in self.empty:
+            self._epilogue(entry, None, 1.0)
+        for entries in (*self.dense.values(), *self.projected.values(), self.empty):
+            for entry in entries:
+                entry.state["step"] += 1
+                opt._updates_done = max(opt._updates_done, entry.state["step"])
+
+    def _epilogue(self, entry: _Entry, direction: Optional[torch.Tensor], correction: float) -> None:
+        opt = self.opt
+        projector = opt.projector
+        group = entry.group
+        lr = group["lr"]
+        decay = lr * group["weight_decay"]
+        weight_c = canonical(entry.param)
+        epilogue = EPILOGUES.get(type(opt.residual))
+        if epilogue is not None and direction is not None and entry.basis is not None:
+            epilogue(opt, entry, weight_c, entry.basis, direction, correction, lr, decay)
+        else:
+            update_c = opt._back_projected(entry.grad_c, entry.core_grad, direction, correction, entry.state,
+                                           entry.basis)
+            opt.convention.apply_update(weight_c, update_c, lr, decay)
+        projector.adapt(entry.state, entry.grad_c, lr / group["initial_lr"], entry.core_grad)
+        entry.basis = None
