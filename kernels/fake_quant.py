@@ -87,7 +87,7 @@ def handles(fmt: str, stochastic: bool) -> bool:
     return fmt in ("int4", "fp4") and not stochastic
 
 
-def _groups_per_program(device: torch.device, block: int) -> int:
+def _tiles(device: torch.device, block: int) -> int:
     """Whole groups a program: many for the interpreter (~1 ms a program), about 2K elements on a GPU (untuned)."""
     budget = 16384 if device.type != "cuda" else 2048
     return max(1, budget // block)
@@ -109,7 +109,7 @@ def fake_quantize(x: torch.Tensor, kind: str, fmt: str, group_size: int, keep_ou
         return out
     num_groups = cdiv(numel, group_size)
     block = next_power_of_2(group_size)
-    groups = _groups_per_program(x.device, block)
+    groups = _tiles(x.device, block)
     _fake_quant_kernel[(cdiv(num_groups, groups),)](out, x, numel, num_groups, group_size, FORMAT=code, KEEP=keep,
                                                     GROUPS=groups, BLOCK=block)
     return out
