@@ -15,8 +15,8 @@ Rounding is to nearest even (torch.round, exactly), divisions are IEEE (div_rn) 
 evaluation takes (a number over a tensor is a reciprocal times the number), and a bf16 / fp16 output is rounded
 to nearest: the results equal the CPU reference bit for bit (tests, interpreted). On a GPU a product the
 compiler contracts into an FMA, or torch's CUDA division by a constant (a reciprocal multiply), can move a value
-by one ulp and so flip a rounding tie: one quantization level on rare elements. Stochastic rounding (training-mode int4 with
-`stochastic_rounding`) draws torch's generator: the reference runs it.
+by one ulp and so flip a rounding tie: one quantization level on rare elements. Stochastic rounding
+(training-mode int4 with `stochastic_rounding`) draws torch's generator: the reference runs it.
 
 The linear layer's backward is straight-through: it recomputes Q(W) with the same kernel and multiplies by the
 saved Q(x) (cuBLAS), so forward and backward both run on it.

@@ -80,16 +80,16 @@ def _chunks(entries: list[_Entry]) -> Iterator[list[_Entry]]:
 # subspace). Each updates the canonical weight view in place; others take the pipeline's _back_projected.
 
 
-def _drop_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor, direction: torch.Tensor,
-                   correction: float, lr: float, decay: float) -> None:
+def _drop_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor,
+                   direction: torch.Tensor, correction: float, lr: float, decay: float) -> None:
     """W <- (1 - decay) W - lr scale P D (torch's convention), or (1 - decay)(W - lr scale P D): one GEMM."""
     opt = batch.opt
     alpha = -lr * opt.options.scale * ((1.0 - decay) if opt.convention.decay_after else 1.0)
     weight_c.addmm_(basis, direction, beta=1.0 - decay, alpha=alpha)
 
 
-def _fira_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor, direction: torch.Tensor,
-                   correction: float, lr: float, decay: float) -> None:
+def _fira_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor,
+                   direction: torch.Tensor, correction: float, lr: float, decay: float) -> None:
     """FiraResidual's update with one back-projection GEMM and S never formed.
 
     With S = (Gc - c P R) diag(phi) and U = scale P D + k S (k: the limiter's factor),
