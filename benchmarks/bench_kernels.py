@@ -38,9 +38,9 @@ BETAS = (0.9, 0.999)
 
 
 def load_kernels() -> None:
-    from lowmem.kernels import adafactor, adam, microadam, residual
+    from lowmem.kernels import adafactor, adam, fake_quant, microadam, residual
 
-    K.adam, K.residual, K.adafactor, K.microadam = adam, residual, adafactor, microadam
+    K.adam, K.residual, K.adafactor, K.microadam, K.fake_quant = adam, residual, adafactor, microadam, fake_quant
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,6 +107,38 @@ def case_adam_direction(state_dtype: str):
             expected = K.adam.reference_adam_direction(grad, states[1], storage, step, *BETAS, 1e-6, False)
             got = K.adam.adam_direction(grad, states[0], storage, step, *BETAS, 1e-6, False)
         return got, expected, 1e-5, 1e-6
+    return run
+
+
+def case_adam_spam_clip(state_dtype: str):
+    """adam_direction with SPAM's clip fused, against the transform's torch clip and then the reference."""
+    def run(device):
+        from lowmem.optim.cores import SECOND
+
+        storage = storage_named(state_dtype)
+        shape = (24, 333)
+        gen = torch.Generator().manual_seed(4)
+        states = adam_state(storage, shape, device), adam_state(storage, shape, device)
+        for step in (1, 2, 3):
+            grad = torch.randn(shape, generator=gen).to(device) * (1 + 3 * step)
+            v = storage.read(states[1], SECOND, torch.Size(shape), "unsigned")
+            limit = v * 2.0
+            clipped = torch.where(grad * grad > limit, torch.sign(grad) * limit.sqrt(), grad)
+            expected = K.adam.reference_adam_direction(clipped, states[1], storage, step, *BETAS, 1e-6, False)
+            got = K.adam.adam_direction(grad, states[0], storage, step, *BETAS, 1e-6, False, clip=2.0)
+        return got, expected, 1e-5, 1e-6
+    return run
+
+
+def case_fake_quant(kind: str, fmt: str, dtype: torch.dtype, shape: tuple[int, ...], group_size: int):
+    def run(device):
+        from lowmem import fake_quant as ref
+
+        gen = torch.Generator().manual_seed(5)
+        x = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
+        references = {"int4": lambda: ref.int4_weight(x, group_size) if kind == "weight" else
+                      ref.int4_activation(x, group_size, 2), "fp4": lambda: ref.fp4_e1m2(x, group_size, 2)}
+        return K.fake_quant.fake_quantize(x, kind, fmt, group_size, 2).float(), references[fmt]().float(), 0.0, 0.0
     return run
 
 
@@ -214,6 +246,11 @@ CASES: dict[str, Callable] = {
     "adafactor_direction, bf16 first moment": case_adafactor(torch.bfloat16),
     "microadam_direction, bucket 64": case_microadam(64),
     "microadam_direction, bucket 33": case_microadam(33),
+    "adam_direction with SPAM's clip, fp32": case_adam_spam_clip("fp32"),
+    "adam_direction with SPAM's clip, int8": case_adam_spam_clip("int8"),
+    "fake_quant int4 weight, row-crossing groups": case_fake_quant("weight", "int4", torch.float32, (40, 60), 256),
+    "fake_quant int4 activation, bf16": case_fake_quant("activation", "int4", torch.bfloat16, (3, 5, 256), 128),
+    "fake_quant fp4, padded tail": case_fake_quant("activation", "fp4", torch.float32, (7, 300), 128),
 }
 
 
@@ -245,7 +282,7 @@ def compile_check(arch: int, one_each: bool = False) -> bool:
 
     launches = []
     original_run = JITFunction.run
-    modules = (K.adam, K.residual, K.adafactor, K.microadam)
+    modules = (K.adam, K.residual, K.adafactor, K.microadam, K.fake_quant)
     original_tiles = [module._tiles for module in modules]
 
     def record(self, *args, grid, warmup, **kwargs):

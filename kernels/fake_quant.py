@@ -15,8 +15,8 @@ Rounding is to nearest even (torch.round, exactly), divisions are IEEE (div_rn) 
 evaluation takes (a number over a tensor is a reciprocal times the number), and a bf16 / fp16 output is rounded
 to nearest: the results equal the CPU reference bit for bit (tests, interpreted). On a GPU a product the
 compiler contracts into an FMA, or torch's CUDA division by a constant (a reciprocal multiply), can move a value
-by one ulp and so flip a rounding tie: one quantization level on rare elements. Stochastic rounding (training-mode int4 with
-`stochastic_rounding`) draws torch's generator: the reference runs it.
+by one ulp and so flip a rounding tie: one quantization level on rare elements. Stochastic rounding
+(training-mode int4 with `stochastic_rounding`) draws torch's generator: the reference runs it.
 
 The linear layer's backward is straight-through: it recomputes Q(W) with the same kernel and multiplies by the
 saved Q(x) (cuBLAS), so forward and backward both run on it.
@@ -87,7 +87,7 @@ def handles(fmt: str, stochastic: bool) -> bool:
     return fmt in ("int4", "fp4") and not stochastic
 
 
-def _groups_per_program(device: torch.device, block: int) -> int:
+def _tiles(device: torch.device, block: int) -> int:
     """Whole groups a program: many for the interpreter (~1 ms a program), about 2K elements on a GPU (untuned)."""
     budget = 16384 if device.type != "cuda" else 2048
     return max(1, budget // block)
@@ -109,7 +109,7 @@ def fake_quantize(x: torch.Tensor, kind: str, fmt: str, group_size: int, keep_ou
         return out
     num_groups = cdiv(numel, group_size)
     block = next_power_of_2(group_size)
-    groups = _groups_per_program(x.device, block)
+    groups = _tiles(x.device, block)
     _fake_quant_kernel[(cdiv(num_groups, groups),)](out, x, numel, num_groups, group_size, FORMAT=code, KEEP=keep,
                                                     GROUPS=groups, BLOCK=block)
     return out

@@ -18,5 +18,5 @@ def test_every_kernel_variant_compiles_for_sm90():
     kernels = {line.split()[0] for line in compiled}
     assert kernels == {"_adam_kernel", "_adam_multi_kernel", "_epilogue_kernel", "_residual_sumsq_kernel",
                        "_square_sums_kernel", "_update_sumsq_kernel", "_direction_kernel", "_ef_correct_kernel",
-                       "_ef_quantize_kernel", "_window_direction_kernel"}
+                       "_ef_quantize_kernel", "_window_direction_kernel", "_fake_quant_kernel"}
     assert "FAILED" not in run.stdout

@@ -80,31 +80,46 @@ def _chunks(entries: list[_Entry]) -> Iterator[list[_Entry]]:
 # subspace). Each updates the canonical weight view in place; others take the pipeline's _back_projected.
 
 
-def _drop_epilogue(opt, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor, direction: torch.Tensor,
-                   correction: float, lr: float, decay: float) -> None:
+def _drop_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor,
+                   direction: torch.Tensor, correction: float, lr: float, decay: float) -> None:
     """W <- (1 - decay) W - lr scale P D (torch's convention), or (1 - decay)(W - lr scale P D): one GEMM."""
+    opt = batch.opt
     alpha = -lr * opt.options.scale * ((1.0 - decay) if opt.convention.decay_after else 1.0)
     weight_c.addmm_(basis, direction, beta=1.0 - decay, alpha=alpha)
 
 
-def _fira_epilogue(opt, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor, direction: torch.Tensor,
-                   correction: float, lr: float, decay: float) -> None:
-    """FiraResidual's S = phi (Gc - c P R), limited, then U = scale P D + k S in the GEMM's beta."""
+def _fira_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor,
+                   direction: torch.Tensor, correction: float, lr: float, decay: float) -> None:
+    """FiraResidual's update with one back-projection GEMM and S never formed.
+
+    With S = (Gc - c P R) diag(phi) and U = scale P D + k S (k: the limiter's factor),
+        U = k Gc diag(phi) + P (scale D - k c R diag(phi))
+    and the limiter's ||S||^2 = sum_j phi_j^2 (||Gc_j||^2 - 2 c ||R_j||^2 + c^2 R_j^T P^T P R_j), exact since
+    P^T Gc = R (no orthonormality assumed): column norms of Gc, and r x a work. The norm's terms cancel where Gc
+    lies almost wholly in the subspace; S is then at rounding level either way."""
+    opt = batch.opt
     residual: FiraResidual = opt.residual
     code = residual.fira_variant == "code"
+    c = residual.scale if code else 1.0
     core_grad = entry.core_grad
-    s = torch.mm(basis, core_grad)
-    torch.sub(entry.grad_c, s, alpha=residual.scale if code else 1.0, out=s)
     phi = direction.norm(dim=0).div_(core_grad.norm(dim=0).add_(FIRA_NORM_EPS))
     if code:
         phi.div_(correction)
-    s.mul_(phi)
-    limit = residual.limit(entry.state, s.norm())
+    # the sum in float64, so the terms' cancellation costs no further digits (one fp32 read of Gc, the rest r x a)
+    wide = core_grad.double()
+    columns = torch.linalg.vector_norm(entry.grad_c, dim=0).double().square_()
+    columns.add_(wide.square().sum(dim=0), alpha=-2.0 * c)
+    columns.add_(((basis.T @ basis).double() @ wide).mul_(wide).sum(dim=0), alpha=c * c)
+    norm = (phi.double().square() * columns.clamp_(min=0.0)).sum().sqrt().float()
+    limit = residual.limit(entry.state, norm)
     k = correction if code else residual.scale
     if limit is not None:
         k = k / float(limit)  # a host sync: this path runs where torch runs the step (CPU, mostly)
-    s.addmm_(basis, direction, beta=k, alpha=residual.scale)
-    opt.convention.apply_update(weight_c, s, lr, decay)
+    inner = (core_grad * phi).mul_(-k * c).add_(direction, alpha=residual.scale)
+    # U formed first, so the weight is rounded once, as the per-weight rule rounds it
+    update = torch.mul(entry.grad_c, phi.mul_(k), out=batch.scratch(entry.grad_c))
+    update.addmm_(basis, inner)
+    opt.convention.apply_update(weight_c, update, lr, decay)
 
 
 EPILOGUES: dict[type, Callable[..., None]] = {DropResidual: _drop_epilogue, FiraResidual: _fira_epilogue}
@@ -118,6 +133,15 @@ class BatchedStep:
         self.dense: dict[int, list[_Entry]] = {}
         self.projected: dict[int, list[_Entry]] = {}
         self.empty: list[_Entry] = []
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer of like's shape and strides, shared by the weights of that layout during this step (fresh
+        large allocations cost page faults on every step)."""
+        key = (tuple(like.shape), like.stride(), like.dtype, like.device)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty_like(like)
+        return self._scratch[key]
 
     @staticmethod
     def applies(opt) -> bool:
@@ -193,7 +217,7 @@ class BatchedStep:
         weight_c = canonical(entry.param)
         epilogue = EPILOGUES.get(type(opt.residual))
         if epilogue is not None and direction is not None and entry.basis is not None:
-            epilogue(opt, entry, weight_c, entry.basis, direction, correction, lr, decay)
+            epilogue(self, entry, weight_c, entry.basis, direction, correction, lr, decay)
         else:
             update_c = opt._back_projected(entry.grad_c, entry.core_grad, direction, correction, entry.state,
                                            entry.basis)
