@@ -6,7 +6,9 @@ normalized matrix, min(row max, column max) of each element). Decoding is `map[c
 
 - int8, both moments: the dynamic-tree map (bitsandbytes' `create_dynamic_map`, 7 exponent bits: a
   decimal exponent followed by a linear fraction), signed for the first moment and unsigned for the second;
-  blocks of 256, one fp32 absmax each. This is bitsandbytes' and torchao's blockwise 8-bit.
+  blocks of 256, one fp32 absmax each. This is bitsandbytes' and torchao's blockwise 8-bit, with one
+  difference: a positive value never encodes to the unsigned map's code 0 (it takes the smallest positive
+  code instead), so a tiny second moment beside a non-zero first moment cannot blow up the update.
 - int4, first moment: the signed dynamic map with 3 exponent bits; blocks of 128.
 - int4, second moment: a *zero-free* linear map {1/16, 2/16, ..., 1} (Li et al. 2023, "Memory efficient
   optimizers with 4-bit states"): a map containing 0 rounds tiny second moments to 0, and m / sqrt(v) then
@@ -23,7 +25,10 @@ import torch
 
 Kind = Literal["signed", "unsigned"]
 
-SCALE_FLOOR = 1e-12  # a block of zeros divides by this, not by 0 (its codes then decode to 0 * map = 0)
+# A block of zeros divides by this, not by 0 (its codes then decode to 0 * map = 0). Encode and decode both floor
+# the scale, so a block whose absmax is below the floor still decodes to what was stored; the floor sits far
+# below any second moment a gradient makes (a 1e-8 gradient gives 1e-16 x (1 - beta2)).
+SCALE_FLOOR = 1e-30
 
 
 def dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
@@ -63,6 +68,11 @@ class QuantMap:
         self.values = values
         self.bits = bits
         self.midpoints = (values[1:] + values[:-1]) / 2
+        if float(values[0]) == 0.0 and len(values) > 1:
+            # An unsigned map with 0 as its smallest code: only an exact 0 encodes to it. Round-to-nearest would
+            # store a positive second moment below half the smallest positive code as 0, and a later
+            # m / (sqrt(v) + eps) with a non-zero m then moves the weight by about m / eps.
+            self.midpoints[0] = 0.0
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU encode tables (_encode_by_prefix)
 
@@ -178,7 +188,7 @@ def dequantize(codes: torch.Tensor, qmap: QuantMap, scales: torch.Tensor, numel:
     """Flat fp32 values of stored codes with element-wise `scales`."""
     if qmap.bits == 4:
         codes = unpack_nibbles(codes, numel)
-    return qmap.decode(codes).mul_(scales.reshape(-1))
+    return qmap.decode(codes).mul_(scales.reshape(-1).clamp(min=SCALE_FLOOR))
 
 
 def code_bytes(numel: int, bits: int) -> int:
