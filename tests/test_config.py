@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lowmem.config import ConfigError, load_config
@@ -206,3 +207,41 @@ def test_a_key_an_older_config_lacks_is_no_change_while_it_holds_its_default():
     older["train"]["precision"] = "fp32"
     current["run"]["seed"] = older["run"]["seed"] + 1
     assert config_changes(older, current) == ["run.seed", "train.precision"]
+
+
+ROOT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# The configs whose comment says they run Stable-SPAM as its released scripts do (total_T 20000 updates).
+STABLE_SPAM_SCRIPTS = [["stable_spam_c4_int4.yaml"], ["c4_pretrain.yaml", "optimizers/stable_spam_bf16.yaml"]]
+
+
+@pytest.mark.parametrize("files", STABLE_SPAM_SCRIPTS, ids=lambda files: files[-1])
+def test_stable_spam_script_configs_step_as_the_released_optimizer(files):
+    """Stepped with their own settings (the reset interval shortened so resets happen), these configs follow
+    the released optimizer's formulas: old moments on a reset step, transform corrections restarted, beta1 and
+    gamma1 annealed over total_T = 20000."""
+    import dataclasses
+
+    from test_transforms import problem, reference_stable_spam, run
+
+    options = load_config([ROOT_CONFIGS / f for f in files]).optimizer
+    assert options.anneal_steps == 20000
+    w, grads = problem()
+    ours, _ = run(dataclasses.replace(options, reset_interval=10), w, grads)
+    expected = reference_stable_spam(w, grads, options.lr, options.weight_decay, options.eps, options.gamma1,
+                                     options.gamma2, options.gamma3, 10, old_moments=True, steps_follow_reset=True,
+                                     total_t=20000)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+def test_spam_configs_say_which_post_reset_warmup_they_follow():
+    readme = load_config([ROOT_CONFIGS / "c4_pretrain.yaml", ROOT_CONFIGS / "optimizers/spam.yaml"])
+    script = load_config([ROOT_CONFIGS / "c4_pretrain.yaml", ROOT_CONFIGS / "optimizers/spam_script.yaml"])
+    assert readme.optimizer.reset_warmup == 150  # SPAM's README
+    assert script.optimizer.reset_warmup == script.train.warmup_steps == 1000  # its launch script
+    assert dataclasses_differences(readme.optimizer, script.optimizer) == {"reset_warmup"}
+
+
+def dataclasses_differences(a, b) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}

@@ -13,9 +13,11 @@ Per update t of a core gradient G (2-D: factored; 1-D: an unfactored second mome
     U = s U;  with a first moment (beta1 = betas[0] > 0): M = beta1 M + (1 - beta1) U, U = M
     W <- W (1 - lr * weight_decay * s) - lr * U
 
-This is transformers' `Adafactor` with one difference: transformers folds the external lr into U before the
-first-moment average, we keep lr outside it (as Adam keeps lr outside its moments), so the two agree exactly
-at a constant lr and differ only in how an lr schedule mixes into the momentum. With relative_step the
+Weight decay comes before the step, as in transformers' `Adafactor` and galore-torch's `GaLoreAdafactor`,
+whatever `adam_convention` says (that option places Adam's decay). By default the external lr stays outside the
+first-moment average (as Adam keeps lr outside its moments); `lr_in_first_moment: true` folds it in before the
+average as transformers and GaLoreAdafactor do (s = lr * s, W -= U): the two agree exactly at a constant lr and
+differ in how an lr schedule mixes into the momentum (2.6e-2 apart over a warmup + cosine). With relative_step the
 external lr is 1 times the trainer's schedule factor (`optimizer.lr` must be unset). W is the full weight
 also when G is a projected core (GaLore-Adafactor's parameter scale is the weight's RMS). The factored
 statistics stay fp32 (they are rows + columns); the optional first moment uses the state storage.
@@ -60,6 +62,11 @@ class AdafactorCore(Core):
     moment_keys = (FIRST, SECOND, ROW, COL)
     counter_keys = ("factor_step",)
     has_second_moment = True  # the rank-1 reconstruction R C / mean(R) of a factored one
+    decays_before_step = True
+
+    def __init__(self, options, policy):
+        super().__init__(options, policy)
+        self.lr_in_direction = options.lr_in_first_moment
 
     def _step_factor(self, step: int, weight: torch.Tensor) -> float:
         o = self.options
@@ -83,8 +90,11 @@ class AdafactorCore(Core):
         state["factor_step"] += 1
         step = state["factor_step"]
         beta2 = 1.0 - step ** o.decay_rate
+        factor = self._step_factor(step, ctx.weight)
+        # the direction's own scale; with lr_in_first_moment the lr too, so the first moment averages lr * U
+        scale = factor * group["lr"] if self.lr_in_direction else factor
         if ctx.fused and grad.dim() == 2:
-            return self._fused_step(grad, state, group, beta2, self._step_factor(step, ctx.weight))
+            return self._fused_step(grad, state, group, beta2, scale, factor)
         if factored:
             update = adafactor_math(grad, state[ROW], state[COL], None, beta2, o.adafactor_eps[0], o.clip_threshold)
         else:
@@ -92,8 +102,7 @@ class AdafactorCore(Core):
             second = storage.read(state, SECOND, grad.shape, "unsigned")
             update = adafactor_math(grad, None, None, second, beta2, o.adafactor_eps[0], o.clip_threshold)
             storage.write(state, SECOND, second, "unsigned")
-        factor = self._step_factor(step, ctx.weight)
-        update.mul_(factor)
+        update.mul_(scale)
         beta1 = group["betas"][0]
         if beta1 > 0:
             storage = self.policy.for_shape(grad.shape)
@@ -105,7 +114,8 @@ class AdafactorCore(Core):
             update = exp_avg.clone() if exp_avg is state.get(FIRST) else exp_avg
         return CoreStep(update, 1.0, decay_scale=factor)
 
-    def _fused_step(self, grad: torch.Tensor, state: dict, group: dict, beta2: float, factor: float) -> CoreStep:
+    def _fused_step(self, grad: torch.Tensor, state: dict, group: dict, beta2: float, scale: float,
+                    factor: float) -> CoreStep:
         """`step` for a matrix on lowmem.kernels.adafactor: the statistics, clipping and first moment in three
         passes over the gradient. An fp32 or bf16 first moment is updated by the kernel where it is stored; a
         quantized one through an fp32 copy."""
@@ -121,7 +131,7 @@ class AdafactorCore(Core):
             quantized = isinstance(storage, QuantizedStorage)
             exp_avg = storage.read(state, FIRST, grad.shape, "signed") if quantized else state[FIRST]
         direction = fused.adafactor_direction(grad, state[ROW], state[COL], beta2, o.adafactor_eps[0],
-                                              o.clip_threshold, factor, exp_avg, beta1)
+                                              o.clip_threshold, scale, exp_avg, beta1)
         if exp_avg is not None and exp_avg is not state[FIRST]:
             storage.write(state, FIRST, exp_avg, "signed")
         return CoreStep(direction, 1.0, decay_scale=factor)

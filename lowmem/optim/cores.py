@@ -80,6 +80,10 @@ class AdamConvention:
     apply_update: Callable[[torch.Tensor, torch.Tensor, float, float], None]
     decay_after: bool  # what apply_update does, for the fused kernels
 
+    def decaying_before(self) -> "AdamConvention":
+        """This convention with the decay moved before the step (a core whose release decays first)."""
+        return AdamConvention(self.eps_scaled, _decay_before, False)
+
 
 ADAM_CONVENTIONS: dict[str, AdamConvention] = {
     "galore": AdamConvention(eps_scaled=False, apply_update=_decay_after, decay_after=True),
@@ -117,6 +121,8 @@ class Core:
     has_second_moment = False  # an element-wise second-moment estimate (SPAM's spike clipping reads it)
     moment_keys: tuple[str, ...] = ()  # every state key the core owns (reset drops them)
     counter_keys: tuple[str, ...] = ()
+    decays_before_step = False  # weight decay before the step whatever adam_convention says (Adafactor)
+    lr_in_direction = False  # the direction already holds the lr: the pipeline steps it by 1 (Adafactor option)
 
     def __init__(self, options, policy: StoragePolicy):
         self.options = options

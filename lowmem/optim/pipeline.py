@@ -92,6 +92,8 @@ class PipelineOptimizer(torch.optim.Optimizer):
             self.projector.basis_dtype = self.policy.basis_dtype
         self.core: Core = CORES[options.core](options, self.policy)
         self.convention = ADAM_CONVENTIONS[options.adam_convention]
+        if self.core.decays_before_step:
+            self.convention = self.convention.decaying_before()
         self.moments_policy = MOMENT_POLICIES[options.moments_on_refresh]
         self.residual = RESIDUALS[options.residual](
             scale=options.scale, fira_gamma=options.fira_gamma, fira_variant=options.fira_variant,
@@ -232,7 +234,8 @@ class PipelineOptimizer(torch.optim.Optimizer):
             update = update_c.T if weight.shape[0] >= weight.shape[1] else update_c
             state["step"] += 1
             self._updates_done = max(self._updates_done, state["step"])
-            self.convention.apply_update(weight, update, group["lr"], group["lr"] * group["weight_decay"] * decay_scale)
+            self.convention.apply_update(weight, update, self._step_lr(group),
+                                         group["lr"] * group["weight_decay"] * decay_scale)
             return
         grad = grad.float()
         step = None
@@ -254,7 +257,11 @@ class PipelineOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         self._updates_done = max(self._updates_done, state["step"])
         if update is not None:
-            self.convention.apply_update(weight, update, group["lr"], decay * decay_scale)
+            self.convention.apply_update(weight, update, self._step_lr(group), decay * decay_scale)
+
+    def _step_lr(self, group: dict) -> float:
+        """What the direction is multiplied by: the group's lr, or 1 where the core has folded it in."""
+        return 1.0 if self.core.lr_in_direction else group["lr"]
 
     def _fused(self, device: torch.device) -> bool:
         """Whether optimizer.kernels resolves to the Triton kernels for tensors on `device`."""
@@ -408,7 +415,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
         basis = None
         if core_grad is not None and not projector.is_full(state):
             basis = projector.basis(state, min(grad.shape), grad.device)
-        lr = group["lr"] * (step.lr_scale if step is not None else 1.0)
+        lr = self._step_lr(group) * (step.lr_scale if step is not None else 1.0)
         fused.projected_update(ctx.weight, grad, basis, core_grad, direction, self.residual, state, correction, lr,
                                group["lr"] * group["weight_decay"] * decay_scale, self.convention.decay_after)
 

@@ -60,6 +60,7 @@ class PipelineOptions(OptimizerOptions):
     relative_step: bool = False
     scale_parameter: bool = False
     warmup_init: bool = False
+    lr_in_first_moment: bool = False  # fold the lr into U before the first moment (transformers, GaLoreAdafactor)
     # MicroAdam core (lowmem.optim.microadam)
     window: int = 10  # gradients kept
     k_init: float = 0.01  # fraction of each block kept per update
@@ -161,6 +162,9 @@ class PipelineOptions(OptimizerOptions):
         if self.warmup_init and not self.relative_step:
             raise ConfigError("optimizer.warmup_init: applies to Adafactor's relative step; set "
                               "optimizer.relative_step=true (and optimizer.lr=null) or warmup_init=false")
+        if self.lr_in_first_moment and self.core != "adafactor":
+            raise ConfigError(f"optimizer.lr_in_first_moment: applies to the adafactor core, got core "
+                              f"'{self.core}'")
         if self.clip_threshold <= 0:
             raise ConfigError(f"optimizer.clip_threshold: must be positive, got {self.clip_threshold}")
         if self.decay_rate >= 0:
