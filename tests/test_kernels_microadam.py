@@ -19,7 +19,7 @@ BETAS = (0.9, 0.999)
 
 
 def options(**overrides):
-    base = dict(window=3, k_init=0.05, topk_block=512, ef_block=64, state_dtype="auto")
+    base = dict(window=3, k_init=0.05, topk_block=512, ef_block=64, state_dtype="auto", ef_alpha=0.0)
     return SimpleNamespace(**dict(base, **overrides))
 
 

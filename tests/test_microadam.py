@@ -27,7 +27,7 @@ def ef_round_trip(x: torch.Tensor, bucket: int) -> torch.Tensor:
     return out
 
 
-def reference_microadam(w, grads, lr, wd, window, k_init, block, bucket, value_dtype):
+def reference_microadam(w, grads, lr, wd, window, k_init, block, bucket, value_dtype, alpha=0.0):
     w = w.clone().reshape(-1)
     d = w.numel()
     error = torch.zeros(d)
@@ -44,24 +44,29 @@ def reference_microadam(w, grads, lr, wd, window, k_init, block, bucket, value_d
         m = sum(B1 ** age * h for age, h in enumerate(reversed(history)))
         v = sum(B2 ** age * h * h for age, h in enumerate(reversed(history)))
         c1, c2 = (1 - B1) / (1 - B1 ** t), (1 - B2) / (1 - B2 ** t)
-        w = w * (1 - lr * wd) - lr * c1 * m / ((c2 * v).sqrt() + EPS)
+        update = c1 * m / ((c2 * v).sqrt() + EPS)
+        if alpha > 0:  # the released code's pretraining branch: alpha of the feedback joins the update
+            update = update + alpha * error
+            error = ef_round_trip((1 - alpha) * error, bucket)
+        w = w * (1 - lr * wd) - lr * update
     return w
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.1], ids=["sparse", "densified"])
 @pytest.mark.parametrize("state_dtype, value_dtype", [("auto", torch.bfloat16), ("fp32", torch.float32)])
 @pytest.mark.parametrize("shape", [(23, 10), (230,)], ids=["matrix", "vector"])
-def test_matches_the_dense_window_reference(state_dtype, value_dtype, shape):
+def test_matches_the_dense_window_reference(state_dtype, value_dtype, shape, alpha):
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(shape, generator=g)
     grads = [torch.randn(shape, generator=g) * (1 + t % 3) for t in range(9)]  # window 3 wraps twice
     options = MicroAdamOptions(lr=0.01, weight_decay=0.1, window=3, k_init=0.1, topk_block=50, ef_block=16,
-                               state_dtype=state_dtype)
+                               state_dtype=state_dtype, ef_alpha=alpha)
     p = torch.nn.Parameter(w0.clone())
     opt = PipelineOptimizer([{"params": [p]}], options)
     for grad in grads:
         p.grad = grad.clone()
         opt.step()
-    expected = reference_microadam(w0, grads, 0.01, 0.1, 3, 0.1, 50, 16, value_dtype)
+    expected = reference_microadam(w0, grads, 0.01, 0.1, 3, 0.1, 50, 16, value_dtype, alpha)
     torch.testing.assert_close(p.detach().reshape(-1), expected, atol=1e-6, rtol=0)
     state = opt.state[p]
     # 5 blocks of 50 minus the last short one (30): 4 x ceil(5) + ceil(3) = 23 kept entries per update
@@ -98,3 +103,30 @@ def test_bf16_weights_and_a_projected_core():
     assert mat.dtype == torch.bfloat16 and torch.isfinite(mat.float()).all()
     assert (mat.detach().float() - start).abs().max() > 0
     assert opt.state[mat]["window_values"].shape == (4, math.ceil(8 * 48 * 0.25))
+
+
+def test_densified_update_moves_every_coordinate_the_sparse_one_leaves():
+    """alpha > 0 (the released pretraining branch): coordinates in no kept set move too."""
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(400, generator=g)
+    moved = {}
+    for alpha in (0.0, 0.2):
+        p = torch.nn.Parameter(w0.clone())
+        opt = PipelineOptimizer([{"params": [p]}], MicroAdamOptions(lr=0.01, k_init=0.01, window=2, ef_alpha=alpha))
+        for _ in range(2):
+            p.grad = torch.randn(400, generator=g)
+            opt.step()
+        moved[alpha] = int((p.detach() != w0).sum())
+    assert moved[0.0] <= 4 * 2 and moved[0.2] > 390
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"name": "microadam", "ef_alpha": 1.0}, "optimizer.ef_alpha: MicroAdam's densification fraction"),
+    ({"name": "galore", "ef_alpha": 0.1}, "optimizer.ef_alpha: applies to the microadam core"),
+])
+def test_bad_densification_is_refused(options, message):
+    from lowmem.config import ConfigError
+    from lowmem.optim.registry import parse_optimizer_options
+
+    with pytest.raises(ConfigError, match=message):
+        parse_optimizer_options(options)

@@ -18,7 +18,14 @@ Coordinates that were in no top-k set of the window get D = 0. The weight update
 follow the optimizer's convention (the preset: torch's, decay before the step, as MicroAdam does). The
 reference implementation is CUDA/bf16-only; this one runs on fp32 or bf16 weights on any device. Window
 values are bf16 as in the reference (fp32 with state_dtype fp32); the EF buffer is always 4-bit.
-Not implemented: the reference's `alpha` densification (alpha = 0, its default, is what this is).
+
+`ef_alpha` > 0 is the reference's `alpha` for pretraining (its "PRETRAINING" branch): a fraction of the error
+feedback joins the update, which is then dense, and leaves the feedback:
+
+    D = D + alpha Q^-1(e);  e = Q((1 - alpha) Q^-1(e))     (min/max recomputed)
+
+alpha = 0 (the reference's default, for fine-tuning) is the sparse update above. The reference's alpha = -2
+(densify with the quantization error itself) is not implemented.
 """
 from __future__ import annotations
 
@@ -142,7 +149,8 @@ class MicroAdamCore(Core):
         if ctx.fused:  # the same update with its dense passes fused (lowmem.kernels.microadam)
             from lowmem.kernels.microadam import microadam_direction
 
-            return CoreStep(microadam_direction(grad, state, o, beta1, beta2, group["eps"]))
+            direction = microadam_direction(grad, state, o, beta1, beta2, group["eps"])
+            return CoreStep(self._densified(direction, state, numel).view(grad.shape))
         state["micro_step"] += 1
         step = state["micro_step"]
         corrected = grad.reshape(-1) + ef_dequantize(state["ef_codes"], state["ef_min"], state["ef_max"],
@@ -161,7 +169,17 @@ class MicroAdamCore(Core):
         indices = state["window_indices"][:rows].long() + starts
         direction = microadam_math(indices, state["window_values"][:rows].float(), ages, step, numel,
                                    beta1, beta2, group["eps"])
-        return CoreStep(direction.view(grad.shape))
+        return CoreStep(self._densified(direction, state, numel).view(grad.shape))
+
+    def _densified(self, direction: torch.Tensor, state: dict, numel: int) -> torch.Tensor:
+        """With ef_alpha > 0, move that fraction of the error feedback into the (flat) direction."""
+        alpha, bucket = self.options.ef_alpha, self.options.ef_block
+        if alpha == 0:
+            return direction
+        error = ef_dequantize(state["ef_codes"], state["ef_min"], state["ef_max"], bucket, numel)
+        direction = direction.reshape(-1).add_(error, alpha=alpha)
+        state["ef_codes"], state["ef_min"], state["ef_max"] = ef_quantize(error.mul_(1.0 - alpha), bucket)
+        return direction
 
     def state_parts(self, shape):
         o = self.options

@@ -66,6 +66,7 @@ class PipelineOptions(OptimizerOptions):
     k_init: float = 0.01  # fraction of each block kept per update
     topk_block: int = 16384  # elements per top-k block (int16 indices: at most 32768)
     ef_block: int = 64  # elements per min/max bucket of the 4-bit error feedback
+    ef_alpha: float = 0.0  # MicroAdam's alpha: fraction of the error feedback added to each update (pretraining)
     # Gradient transforms (lowmem.optim.transforms): spam_clip | adaclip | adagn | moment_reset |
     # grad_norm_stabilizer, or the combinations spam | stable_spam
     transforms: list[str] = field(default_factory=list)
@@ -180,6 +181,11 @@ class PipelineOptions(OptimizerOptions):
         if not 1 <= self.topk_block <= INDEX_LIMIT:
             raise ConfigError(f"optimizer.topk_block: must be in [1, {INDEX_LIMIT}] (int16 block-local indices), "
                               f"got {self.topk_block}")
+        if not 0.0 <= self.ef_alpha < 1.0:
+            raise ConfigError(f"optimizer.ef_alpha: MicroAdam's densification fraction must be in [0, 1), "
+                              f"got {self.ef_alpha}")
+        if self.ef_alpha and self.core != "microadam":
+            raise ConfigError(f"optimizer.ef_alpha: applies to the microadam core, got core '{self.core}'")
         if self.ef_block < 1:
             raise ConfigError(f"optimizer.ef_block: must be at least 1, got {self.ef_block}")
 
