@@ -162,7 +162,9 @@ class DistributedConfig:
     backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
     zero_stage: int = 2  # DeepSpeed: 0, 1 or 2 for every optimizer; 3 for torch AdamW (adamw) only
     gradient_sync: Literal["full", "projected"] = "full"  # ddp: all-reduce G, or R = P^T G (lowmem.distributed)
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON for any other setting (offload, buckets, ...)
+    # a DeepSpeed JSON for any other setting (offload, buckets, ...); what it shares with this config must agree
+    # (lowmem.distributed.deepspeed_settings)
+    deepspeed_config: Optional[str] = None
     timeout_s: float = 600.0  # a collective waiting longer ends the run on every rank
 
 

@@ -4,6 +4,10 @@ is allocated, so a laptop can ask about llama_7b in seconds), optionally checked
     python -m lowmem.memory CONFIG.yaml [MORE.yaml ...] [dotted.key=value ...] [--gpu 24GB,80GB] [--json]
         [--world-size N] [--zero-stage 0-3] [--measure]
 
+The config is validated as `train.py` validates it on N ranks (lowmem.config.validate: launcher flags, the
+DeepSpeed JSON, ZeRO-3's element-wise optimizers), so the planner accepts and refuses exactly what training
+does; --zero-stage S plans distributed.backend=deepspeed with distributed.zero_stage=S and must agree with them.
+
 Rows: parameters (in the training dtype), gradients (none for weights stepped in backward: only the largest
 one exists at a time), optimizer state by part (projector bases, moments in their storage dtype,
 quantization scales, windows, ...; each optimizer's own formula, equal to the counted bytes after the first

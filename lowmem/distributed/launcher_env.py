@@ -46,6 +46,7 @@ def _offload_device(section: str) -> Callable[[str, Context], bool]:
 
 def _precision_agrees(value: str, ctx: Context) -> bool:
     # accelerate's bf16 is bf16 compute: lowmem's bf16_autocast, or bf16 weights (DeepSpeed's bf16)
+    value = value.strip().lower()
     return value == "no" or (value == "bf16" and ctx.config.train.precision in ("bf16", "bf16_autocast"))
 
 
@@ -108,7 +109,8 @@ FLAGS: list[LauncherFlag] = [
     LauncherFlag("ACCELERATE_USE_CPU", "accelerate launch --cpu", shown("train.device"),
                  lambda v, c: not _true(v) or c.config.train.device == "cpu",
                  lambda v: "set train.device=cpu (or auto)", _apply_cpu),
-    LauncherFlag("ACCELERATE_DYNAMO_BACKEND", "accelerate launch --dynamo_backend", lambda c: "lowmem's config (it has no torch.compile setting)",
+    LauncherFlag("ACCELERATE_DYNAMO_BACKEND", "accelerate launch --dynamo_backend",
+                 lambda c: "lowmem's config (it has no torch.compile setting)",
                  lambda v, c: v.strip().lower() == "no",
                  lambda v: "lowmem does not torch.compile the model: launch with --dynamo_backend no"),
     LauncherFlag("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate launch --deepspeed_config_file",
