@@ -81,6 +81,8 @@ CASES: list[tuple[str, Callable[[Setup], list[str]], list[str]]] = [
      ["ds.json' must hold a JSON object ({...}) at top level, got a list"]),
     ("json-stage-two", lambda s: s.deepspeed({"zero_optimization": {"stage": "two"}}),
      ["distributed.deepspeed_config: zero_optimization.stage in", 'got "two"']),
+    ("json-deepspeed-refuses", lambda s: s.deepspeed({"nebula": {"enabled": True}}),
+     ["distributed.deepspeed_config: DeepSpeed refuses", "ds.json: Nebula checkpointing has been removed"]),
     ("json-under-ddp", lambda s: s.deepspeed({"zero_optimization": {"stage": 2}}, "distributed.backend=ddp"),
      ["distributed.deepspeed_config: set, but distributed.backend is 'ddp'"]),
     ("flag-mixed-precision", lambda s: s.launched({"ACCELERATE_MIXED_PRECISION": "bf16"}),
@@ -233,3 +235,15 @@ def test_a_deepspeed_run_records_the_settings_deepspeed_trained_with(tmp_path, c
     assert handed["gradient_clipping"] == record["train"]["grad_clip"] == 0.5
     assert handed["bf16"]["enabled"] is (record["train"]["precision"] == "bf16")
     assert handed["train_micro_batch_size_per_gpu"] == record["train"]["batch_size"] == 1
+
+
+def test_a_config_refusal_is_reported_by_rank_0_only(tmp_path, corpus, capsys, monkeypatch):
+    """Every rank reads the same files and environment, so each would print the same line: only rank 0 does."""
+    s = Setup(tmp_path, corpus, monkeypatch)
+    argv = s.deepspeed({"bf16": {"enabled": True}})
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(argv) == 2
+    assert "bf16.enabled=true in" in refusal(capsys)

@@ -298,13 +298,13 @@ def check_requirements(user: dict, path: str) -> None:
 def check_with_deepspeed(ctx: Context, path: str) -> None:
     """The merged config through DeepSpeed's own parser, for what the checks above do not cover. The batch
     product is left out: it was judged against the real world size, DeepSpeed would assume one rank here."""
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
 
     merged = deep_merge(generated_config(ctx.config, ctx.world_size), ctx.user)
     merged.pop("train_batch_size", None)
     try:
         DeepSpeedConfig(merged)
-    except (AssertionError, ValueError, TypeError, KeyError) as err:
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError) as err:
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"{WHERE}: DeepSpeed refuses {path}: {line}") from None
 
