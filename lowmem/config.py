@@ -162,7 +162,9 @@ class DistributedConfig:
     backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
     zero_stage: int = 2  # DeepSpeed: 0, 1 or 2 for every optimizer; 3 for torch AdamW (adamw) only
     gradient_sync: Literal["full", "projected"] = "full"  # ddp: all-reduce G, or R = P^T G (lowmem.distributed)
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON for any other setting (offload, buckets, ...)
+    # a DeepSpeed JSON for any other setting (offload, buckets, ...); what it shares with this config must agree
+    # (lowmem.distributed.deepspeed_settings)
+    deepspeed_config: Optional[str] = None
     timeout_s: float = 600.0  # a collective waiting longer ends the run on every rank
 
 
@@ -376,10 +378,8 @@ def apply_override(tree: dict, override: str) -> dict:
     return tree
 
 
-def load_config(paths: str | Path | typing.Sequence[str | Path] | None,
-                overrides: typing.Sequence[str] = ()) -> Config:
-    """Read and merge one or more YAML files (later wins), apply dotted overrides, validate.
-    Raises ConfigError on any bad key or value."""
+def load_tree(paths: str | Path | typing.Sequence[str | Path] | None, overrides: typing.Sequence[str] = ()) -> dict:
+    """Read and merge one or more YAML files (later wins) and apply dotted overrides, unvalidated."""
     if paths is None:
         paths = []
     elif isinstance(paths, (str, Path)):
@@ -389,17 +389,24 @@ def load_config(paths: str | Path | typing.Sequence[str | Path] | None,
         tree = deep_merge(tree, read_yaml_tree(path))
     for override in overrides:
         tree = apply_override(tree, override)
-    return config_from_tree(tree)
+    return tree
 
 
-def config_from_tree(tree: dict) -> Config:
+def load_config(paths: str | Path | typing.Sequence[str | Path] | None,
+                overrides: typing.Sequence[str] = (), world_size: Optional[int] = None) -> Config:
+    """Read and merge one or more YAML files (later wins), apply dotted overrides, validate for `world_size`
+    ranks (None: the launcher's). Raises ConfigError on any bad key or value."""
+    return config_from_tree(load_tree(paths, overrides), world_size)
+
+
+def config_from_tree(tree: dict, world_size: Optional[int] = None) -> Config:
     from lowmem.optim.registry import parse_optimizer_options
 
     tree = dict(tree)
     optimizer_tree = tree.pop("optimizer", None) or {"name": "adamw"}
     config = from_dict(Config, tree)
     config.optimizer = parse_optimizer_options(optimizer_tree)
-    validate(config)
+    validate(config, world_size)
     return config
 
 
@@ -441,7 +448,9 @@ def _validate_instruct(config: Config) -> None:
              "tokenizer.name), not a freshly fitted BPE; set tokenizer.train_bpe=null and tokenizer.name=...")
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, world_size: Optional[int] = None) -> None:
+    """Every check of a config, for `world_size` ranks (None: the launcher's environment). Training and the
+    memory planner both load configs through here, so they accept and refuse the same ones."""
     from lowmem.model import MODEL_PRESETS
     from lowmem.schedule import SCHEDULES
 
@@ -532,13 +541,19 @@ def validate(config: Config) -> None:
         _require(t.grad_clip == 0.0,
                  "optimizer.update_in_backward: global gradient clipping needs every gradient at once; "
                  "set train.grad_clip=0 to update in backward")
-    _validate_distributed(config)
+    _validate_distributed(config, world_size)
 
 
-def _validate_distributed(config: Config) -> None:
-    """The distributed settings that can be judged from the config alone (the launcher's world size and
-    DeepSpeed's JSON are checked when the run starts: lowmem.distributed.runtime)."""
+def _validate_distributed(config: Config, world_size: Optional[int]) -> None:
+    """The distributed settings, for `world_size` ranks, with the launcher's flags (lowmem.distributed.launcher_env)
+    and the DeepSpeed JSON (lowmem.distributed.deepspeed_settings) judged against them. Under a launcher,
+    backend auto is resolved here, so the recorded config names the backend that trained."""
+    from lowmem.distributed import deepspeed_settings as ds
+    from lowmem.distributed.launch import launcher_world, resolve_backend
+    from lowmem.distributed.launcher_env import apply_launcher_flags, check_launcher_flags
+
     d, t = config.distributed, config.train
+    world = launcher_world()[2] if world_size is None else world_size
     _require(d.zero_stage in (0, 1, 2, 3), f"distributed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage}")
     _require(d.timeout_s > 0, f"distributed.timeout_s: must be positive, got {d.timeout_s}")
     _require(t.global_batch_size is None or t.global_batch_size >= 1,
@@ -546,11 +561,26 @@ def _validate_distributed(config: Config) -> None:
     _require(t.global_batch_size is None or t.grad_accum == 1,
              f"train.grad_accum: {t.grad_accum} set together with train.global_batch_size; leave grad_accum at 1, "
              f"it is derived (global_batch_size / (batch_size x ranks))")
+    ds.grad_accum_for(config, world)  # a global batch the ranks cannot divide
+    apply_launcher_flags(config)
+    if d.backend in ("none",) and d.gradient_sync != "full":
+        raise ConfigError("distributed.gradient_sync: applies to the ddp backend; distributed.backend is 'none'")
+    _require(d.backend != "none" or world == 1,
+             f"distributed.backend: 'none' under a launcher of {world} ranks would train {world} separate copies "
+             f"into one run directory; set distributed.backend=auto, ddp or deepspeed")
+    if world > 1:
+        d.backend = resolve_backend(d.backend, world)
+    user: dict = {}
     if d.deepspeed_config is not None:
         _require(Path(d.deepspeed_config).is_file(),
                  f"distributed.deepspeed_config: file '{d.deepspeed_config}' not found")
-    if d.backend in ("none",) and d.gradient_sync != "full":
-        raise ConfigError("distributed.gradient_sync: applies to the ddp backend; distributed.backend is 'none'")
+        _require(d.backend != "ddp", f"distributed.deepspeed_config: set, but distributed.backend is 'ddp', which "
+                                     f"would ignore it; set distributed.backend=deepspeed (or auto under "
+                                     f"accelerate launch --use_deepspeed)")
+        user = ds.read_json(d.deepspeed_config)
+        ds.check_file(config, world, user)
+    check_launcher_flags(ds.Context(config, world, ds.drop_auto(user)))
+    ds.check_zero3_options(config)
     if d.gradient_sync == "projected":
         from lowmem.distributed.gradient_sync import check_projected_sync
 

@@ -4,6 +4,10 @@ is allocated, so a laptop can ask about llama_7b in seconds), optionally checked
     python -m lowmem.memory CONFIG.yaml [MORE.yaml ...] [dotted.key=value ...] [--gpu 24GB,80GB] [--json]
         [--world-size N] [--zero-stage 0-3] [--measure]
 
+The config is validated as `train.py` validates it on N ranks (lowmem.config.validate: launcher flags, the
+DeepSpeed JSON, ZeRO-3's element-wise optimizers), so the planner accepts and refuses exactly what training
+does; --zero-stage S plans distributed.backend=deepspeed with distributed.zero_stage=S and must agree with them.
+
 Rows: parameters (in the training dtype), gradients (none for weights stepped in backward: only the largest
 one exists at a time), optimizer state by part (projector bases, moments in their storage dtype,
 quantization scales, windows, ...; each optimizer's own formula, equal to the counted bytes after the first
@@ -27,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowmem.config import Config, ConfigError, load_config
+from lowmem.config import Config, ConfigError, config_from_tree, deep_merge, flatten, load_tree
+from lowmem.distributed.deepspeed_settings import check_zero3_optimizer, zero_stage_of
 
 GPU_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GIB|G|MB|MIB|M|TB|TIB|T)?\s*$", re.IGNORECASE)
 UNIT_BYTES = {"": 2**30, "G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20, "MIB": 2**20,
@@ -105,6 +110,7 @@ def plan_memory(config: Config, world_size: int = 1, zero_stage: int = 0) -> Mem
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     optimizer = build_optimizer(model, config.optimizer)
+    check_zero3_optimizer(config, optimizer, zero_stage_of(config))  # as the run refuses it at start
     parts = optimizer.predicted_state_parts()
     in_backward = config.optimizer.update_in_backward
     gradients = sum(p.numel() * p.element_size() for p in trainable)
@@ -191,13 +197,31 @@ def format_plan(plan: MemoryPlan, gpu_sizes: list[tuple[str, int]], measured: di
     return "\n".join(lines)
 
 
+def with_zero_stage(tree: dict, stage: int) -> dict:
+    """The config tree planned under DeepSpeed ZeRO `stage` (--zero-stage); a config that says otherwise is
+    refused, naming both, rather than planned as something it would not train as."""
+    flat = flatten(tree)
+    given, backend = flat.get("distributed.zero_stage"), flat.get("distributed.backend", "auto")
+    if given is not None and given != stage:
+        raise ConfigError(f"--zero-stage {stage} conflicts with distributed.zero_stage={given}; give one of them "
+                          f"(the plan is for the config as it trains)")
+    if backend in ("ddp", "none"):
+        if stage == 0:  # plain data parallel holds what stage 0 holds
+            return tree
+        raise ConfigError(f"--zero-stage {stage} conflicts with distributed.backend={backend}; set "
+                          f"distributed.backend=deepspeed (or auto) to plan ZeRO")
+    return deep_merge(tree, {"distributed": {"backend": "deepspeed", "zero_stage": stage}})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowmem.memory", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("more", nargs="*", metavar="ARG", help="more YAML files, then dotted.key=value overrides")
     parser.add_argument("--gpu", default="", help="GPU sizes to check, comma-separated (24GB,80GB)")
     parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
+                        help="plan DeepSpeed ZeRO at this stage (distributed.backend=deepspeed, "
+                             "distributed.zero_stage); default: what the config trains with")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--measure", action="store_true", help="also run one real update and count its bytes")
     args = parser.parse_args(argv)
@@ -205,9 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.world_size < 1:
             raise ConfigError(f"--world-size: must be at least 1, got {args.world_size}")
         sizes = [(text.strip(), parse_gpu_size(text)) for text in args.gpu.split(",") if text.strip()]
-        config = load_config([args.config] + [a for a in args.more if "=" not in a],
-                             [a for a in args.more if "=" in a])
-        plan = plan_memory(config, args.world_size, args.zero_stage)
+        tree = load_tree([args.config] + [a for a in args.more if "=" not in a], [a for a in args.more if "=" in a])
+        if args.zero_stage is not None:
+            tree = with_zero_stage(tree, args.zero_stage)
+        # the validation train.py runs, for the ranks planned: what it refuses is refused here
+        config = config_from_tree(tree, args.world_size)
+        plan = plan_memory(config, args.world_size, zero_stage_of(config))
         measured = measure_one_update(config) if args.measure else None
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -33,6 +33,16 @@ def spawn(fn, world: int, *args, timeout: float = 240.0) -> None:
             raise TimeoutError(f"distributed test did not finish within {timeout} s")
 
 
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    """This process as rank `rank` of a launcher's job (what torchrun sets), DeepSpeed on CPU."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed.comm  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a CPU speed-up op: skip its 30 s build
+
+
 def init_rank(rank: int, world: int, port: int, deepspeed: bool = False) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")

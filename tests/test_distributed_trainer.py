@@ -14,20 +14,11 @@ import pytest
 import torch
 
 from conftest import build_tiny_config
-from dist_harness import free_port, spawn
+from dist_harness import free_port, set_rank_env, spawn
 from lowmem.checkpoint import latest_checkpoint
 from lowmem.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def set_rank_env(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    import deepspeed.comm  # noqa: F401
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a CPU speed-up op: skip its 30 s build
 
 
 def train_worker(rank, world, port, tmp, corpus, overrides, stop_at_step):
@@ -199,10 +190,11 @@ def test_a_zero_stage_given_to_accelerate_that_the_config_contradicts_is_refused
     from lowmem.distributed.launch import DistContext
     from lowmem.distributed.runtime import DeepSpeedRuntime
 
-    config = build_tiny_config(tmp_path, corpus, "distributed.zero_stage=2")
-    runtime = DeepSpeedRuntime(DistContext(0, 0, 2, "deepspeed"), config)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
-    with pytest.raises(ConfigError, match="accelerate launch was given ZeRO stage 1 but the config says 2"):
-        runtime.deepspeed_config()
+    with pytest.raises(ConfigError, match=r"ACCELERATE_DEEPSPEED_ZERO_STAGE=1 \(accelerate launch --zero_stage\) "
+                                          r"conflicts with distributed.zero_stage=2"):
+        build_tiny_config(tmp_path, corpus, "distributed.zero_stage=2")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    assert runtime.deepspeed_config()["zero_optimization"]["stage"] == 2
+    config = build_tiny_config(tmp_path, corpus, "distributed.zero_stage=2")
+    assert DeepSpeedRuntime(DistContext(0, 0, 2, "deepspeed"), config).deepspeed_config()["zero_optimization"][
+        "stage"] == 2

@@ -12,17 +12,15 @@ over the ranks, so each rank scales its loss by the world size to make that aver
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import math
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowmem.config import Config, ConfigError, deep_merge
+from lowmem.config import Config
+from lowmem.distributed.deepspeed_settings import check_zero3_optimizer, deepspeed_config, grad_accum_for
 from lowmem.distributed.launch import DistContext
 from lowmem.optim.named_state import load_named_state_dict, named_state_dict
 
@@ -44,14 +42,7 @@ class Runtime:
 
     def grad_accum(self) -> int:
         """Micro-batches per update on this rank (train.global_batch_size divided over the ranks when set)."""
-        t = self.config.train
-        if t.global_batch_size is None:
-            return t.grad_accum
-        per_micro = t.batch_size * self.world
-        if t.global_batch_size % per_micro:
-            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
-                              f"train.batch_size {t.batch_size} x {self.world} ranks")
-        return t.global_batch_size // per_micro
+        return grad_accum_for(self.config, self.world)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = self.module = model
@@ -167,16 +158,9 @@ class DeepSpeedRuntime(Runtime):
 
         config = self.deepspeed_config()
         stage = config["zero_optimization"]["stage"]
-        self.elementwise_only = _elementwise_only(optimizer, model)
-        if stage == 3:
-            if not self.elementwise_only:
-                raise ConfigError(f"distributed.zero_stage: ZeRO-3 splits every weight over the ranks, and "
-                                  f"'{self.config.optimizer.name}' has matrix rules (projections, factored or "
-                                  f"block-quantized moments, transforms) that need whole matrices; use stage 1 "
-                                  f"or 2 (ZeRO-3 runs the element-wise adamw)")
-            client = optimizer  # element-wise: DeepSpeed's flat partitions are as good as the weights
-        else:
-            client = ZeroShardedOptimizer(model, optimizer)
+        check_zero3_optimizer(self.config, optimizer, stage)  # also checked on the options at config validation
+        # element-wise torch AdamW under ZeRO-3: DeepSpeed's flat partitions are as good as the weights
+        client = optimizer if stage == 3 else ZeroShardedOptimizer(model, optimizer)
         self.stage = stage
         engine, client_opt, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
         self.engine = engine
@@ -187,32 +171,9 @@ class DeepSpeedRuntime(Runtime):
         self.zero = client if isinstance(client, ZeroShardedOptimizer) else None
 
     def deepspeed_config(self) -> dict:
-        """DeepSpeed's settings from lowmem's config, a user JSON (distributed.deepspeed_config) merged over
-        them; settings that would change the optimizer or the batch, or break the owner map, are refused."""
-        cfg = self.config
-        generated = {
-            "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-            "gradient_accumulation_steps": self.grad_accum(),
-            "gradient_clipping": cfg.train.grad_clip,
-            "zero_allow_untested_optimizer": True,
-            "zero_optimization": {"stage": cfg.distributed.zero_stage, "round_robin_gradients": False},
-            "bf16": {"enabled": cfg.train.precision == "bf16"},
-            "steps_per_print": 2**31 - 1,
-        }
-        user: dict[str, Any] = {}
-        if cfg.distributed.deepspeed_config:
-            path = Path(cfg.distributed.deepspeed_config)
-            try:
-                user = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ConfigError(f"distributed.deepspeed_config: cannot read '{path}' as JSON: {err}") from err
-        check_deepspeed_config(user, generated)
-        launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # accelerate launch --zero_stage N
-        if launcher_stage not in (None, "") and int(launcher_stage) != cfg.distributed.zero_stage:
-            raise ConfigError(f"distributed.zero_stage: accelerate launch was given ZeRO stage {launcher_stage} but "
-                              f"the config says {cfg.distributed.zero_stage}; lowmem's config decides: set "
-                              f"distributed.zero_stage={launcher_stage}")
-        return deep_merge(generated, user)
+        """DeepSpeed's settings from lowmem's config, the user's JSON (distributed.deepspeed_config) merged over
+        them; config validation judged that JSON and refused whatever disagrees (deepspeed_settings)."""
+        return deepspeed_config(self.config, self.world)
 
     @contextlib.contextmanager
     def micro_batch(self, last):
@@ -301,35 +262,6 @@ class DeepSpeedRuntime(Runtime):
     def memory_extra(self):
         fp32 = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None) or []
         return {"deepspeed_fp32_partition_bytes": sum(t.numel() * t.element_size() for t in fp32)}
-
-
-def check_deepspeed_config(user: dict, generated: dict) -> None:
-    """Refuse DeepSpeed settings lowmem cannot honour, saying what to change."""
-    where = "distributed.deepspeed_config"
-    if "optimizer" in user or "scheduler" in user:
-        raise ConfigError(f"{where}: remove the 'optimizer' and 'scheduler' blocks; lowmem provides both "
-                          f"(optimizer.name, train.schedule) and runs its optimizer inside DeepSpeed's step")
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in user and user[key] != generated[key]:
-            raise ConfigError(f"{where}: {key} is {user[key]} but lowmem's config gives {generated[key]} "
-                              f"(train.batch_size, train.grad_accum / train.global_batch_size); set them there")
-    zero = user.get("zero_optimization", {})
-    if zero.get("round_robin_gradients"):
-        raise ConfigError(f"{where}: zero_optimization.round_robin_gradients must be false: with it DeepSpeed's "
-                          f"fragment map points at the wrong slices of its fp32 partition")
-    offload = zero.get("offload_optimizer", {}).get("device", "none")
-    if offload not in (None, "none") and user.get("zero_force_ds_cpu_optimizer", True):
-        raise ConfigError(f"{where}: offload_optimizer without \"zero_force_ds_cpu_optimizer\": false would "
-                          f"silently replace lowmem's optimizer by DeepSpeed's CPU Adam; set it to false")
-    if user.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{where}: fp16 is not one of lowmem's precisions; use train.precision bf16 (or "
-                          f"bf16_autocast) instead")
-
-
-def _elementwise_only(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
-    """Whether DeepSpeed may step `optimizer` on its flat partitions directly: torch AdamW (lowmem's pipeline
-    keys its state and rules by the original weights, so it always runs through the owner map)."""
-    return isinstance(optimizer, torch.optim.AdamW)
 
 
 RUNTIMES: dict[str, type[Runtime]] = {"none": Runtime, "ddp": DDPRuntime, "deepspeed": DeepSpeedRuntime}
