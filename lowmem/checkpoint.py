@@ -104,12 +104,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
 
 def write_model(model, directory: Path) -> None:
     """The model as a plain Hugging Face directory; a LoRA model merged, with its adapter beside (lowmem.lora)."""
+    from lowmem.library_output import no_transformers_progress
     from lowmem.lora import is_lora, save_merged
 
-    if is_lora(model):
-        save_merged(model, directory)
-    else:
-        model.save_pretrained(directory, safe_serialization=True)
+    with no_transformers_progress():  # the run's own bar or log line says a checkpoint is written
+        if is_lora(model):
+            save_merged(model, directory)
+        else:
+            model.save_pretrained(directory, safe_serialization=True)
 
 
 def set_aside_newer(run_dir: Path, step: int) -> Path | None:

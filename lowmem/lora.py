@@ -12,6 +12,8 @@ which a run resumes (on the base weights of `model.pretrained`, which LoRA never
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -81,6 +83,9 @@ def _compact(names: list[str], all_names: list[str]) -> list[str]:
 
 def apply_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
     """The model wrapped by peft with adapters on the target linears; only the adapters train."""
+    from lowmem.library_output import import_bitsandbytes
+
+    import_bitsandbytes()  # peft imports it: first, without its note about a kernel lowmem never runs
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -91,13 +96,15 @@ def apply_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
                         target_modules=_compact(names, adaptable), bias="none", task_type="CAUSAL_LM",
                         # Conv1D stores its weight in x out: peft must transpose the delta
                         fan_in_fan_out=any(isinstance(modules[n], Conv1D) for n in names))
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing a user can change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_lora(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    # a PeftModel exists only once peft is imported; importing it to ask would pull in bitsandbytes
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from lowmem import checkpoint as ckpt
+from lowmem import library_output
 from lowmem.config import Config, ConfigError, config_changes, flatten
 from lowmem.data import build_train_batches, eval_batches, eval_hint
 from lowmem.distributed import launch
@@ -81,6 +82,8 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.run_dir = config.run_dir
+        library_output.quiet_accelerator_probe()
+        library_output.set_library_progress(config.log.progress)
         _, local_rank, _ = launch.launcher_world()
         self.device = pick_device(launch.device_for(config.train.device, local_rank))
         self.dist = launch.init(config.distributed.backend, config.distributed.timeout_s, self.device)

@@ -22,6 +22,7 @@ from torch import nn
 from lowmem.config import Config
 from lowmem.distributed.deepspeed_settings import check_zero3_optimizer, deepspeed_config, grad_accum_for
 from lowmem.distributed.launch import DistContext
+from lowmem.library_output import deepspeed_untested_note
 from lowmem.optim.named_state import load_named_state_dict, named_state_dict
 
 
@@ -162,7 +163,8 @@ class DeepSpeedRuntime(Runtime):
         # element-wise torch AdamW under ZeRO-3: DeepSpeed's flat partitions are as good as the weights
         client = optimizer if stage == 3 else ZeroShardedOptimizer(model, optimizer)
         self.stage = stage
-        engine, client_opt, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+        with deepspeed_untested_note(self.ctx.is_main):
+            engine, client_opt, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
         self.engine = engine
         self.model = engine
         self.module = model

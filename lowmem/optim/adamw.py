@@ -79,7 +79,9 @@ def build_adamw(groups: list[dict], options: AdamWOptions) -> torch.optim.Optimi
 
 
 def _bnb_adamw8bit_class() -> type:
-    import bitsandbytes as bnb
+    from lowmem.library_output import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     class BnbAdamW8bit(StateFormula, bnb.optim.AdamW8bit):
         """bitsandbytes' AdamW8bit: uint8 moments with an fp32 absmax per 256 elements (fp32 moments under 4096
