@@ -446,6 +446,7 @@ def validate(config: Config) -> None:
     from lowmem.schedule import SCHEDULES
 
     m, d, t, c = config.model, config.data, config.train, config.checkpoint
+    _validate_run_name(config.run.name)
     if m.pretrained is None:
         _require(m.preset is not None, "model.preset: set a preset or model.pretrained")
         _require(m.preset in MODEL_PRESETS,
@@ -515,9 +516,7 @@ def validate(config: Config) -> None:
     _require(t.eval_tokens >= 1, f"train.eval_tokens: must be positive, got {t.eval_tokens}")
     _require(t.eval_batch_size is None or t.eval_batch_size >= 1,
              f"train.eval_batch_size: must be at least 1, got {t.eval_batch_size}")
-    _require(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
-             f"train.device: unknown device '{t.device}'{closest(t.device, ['auto', 'cpu', 'cuda'])}; "
-             "use auto, cpu, cuda or cuda:N")
+    _validate_device(t.device)
     _require(t.log_every >= 1, f"train.log_every: must be at least 1, got {t.log_every}")
     _require(t.schedule in SCHEDULES,
              f"train.schedule: unknown schedule '{t.schedule}'{closest(t.schedule, SCHEDULES)}; "
@@ -533,6 +532,34 @@ def validate(config: Config) -> None:
                  "optimizer.update_in_backward: global gradient clipping needs every gradient at once; "
                  "set train.grad_clip=0 to update in backward")
     _validate_distributed(config)
+
+
+def _validate_run_name(name: str) -> None:
+    """The run directory is run.out_dir/run.name: a name of several parts (or none) would put it, and the
+    checkpoints a fresh run deletes by rotation, somewhere else."""
+    one_part = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    _require(one_part, f"run.name: {name!r} must be one directory name (not empty, '.' or '..', no '/'); "
+                       "set run.out_dir to say where the run directory goes")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _validate_device(name: str) -> None:
+    """A device string torch parses, of a kind lowmem runs on (whether this machine has it is checked when
+    the run starts: lowmem.trainer.pick_device)."""
+    if name == "auto":
+        return
+    kind = name.split(":")[0]
+    _require(kind in DEVICE_TYPES, f"train.device: unknown device '{name}'{closest(kind, ['auto', *DEVICE_TYPES])}; "
+                                   "use auto, cpu, cuda or cuda:N")
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{name}' is not a device (its index must be a number); use auto, cpu, "
+                          f"{kind} or {kind}:N") from None
 
 
 def _validate_distributed(config: Config) -> None:

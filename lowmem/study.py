@@ -32,7 +32,7 @@ import yaml
 
 from lowmem.config import (Config, ConfigError, apply_override, config_changes, config_from_tree, deep_merge, from_dict,
                            read_yaml_tree)
-from lowmem.errors import TrainingDiverged
+from lowmem.errors import REPORTED, TrainingDiverged, TrainingInterrupted, report_line
 from lowmem.metrics import read_metrics
 
 RESULT_FILE = "study_result.json"
@@ -307,9 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_study(args.study, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    except REPORTED as err:
+        line, status = report_line(err)
+        if isinstance(err, KeyboardInterrupt):  # a second Ctrl-C, or one outside a run's training loop
+            line += ", stopped at once"
+        if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)):
+            line += "; run the same command again to continue the study (finished runs are skipped)"
+        print(line, file=sys.stderr)
+        return status
     return 0
 
 

@@ -76,6 +76,13 @@ def device_for(name: str, local_rank: int) -> str:
     return name
 
 
+def reports_here(error: BaseException) -> bool:
+    """Whether this rank prints a failure's line: a fault every rank meets alike (a config value, a checkpoint,
+    a signal) is printed by rank 0 alone, one only this rank met (`rank_local`) by this rank."""
+    rank, _, world = launcher_world()
+    return world == 1 or rank == 0 or getattr(error, "rank_local", False)
+
+
 class ExitStatus:
     status: int = 0
 
