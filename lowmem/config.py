@@ -276,6 +276,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown key '{dotted}'{closest(str(key), names)}")
         kwargs[key] = _convert(value, hints[key], dotted)
+    required = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{required[0]}: missing; it has no default")
     return cls(**kwargs)
 
 
@@ -324,10 +328,22 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError, where: bool = True) -> str:
+    """A YAML error on one line: what is wrong and (`where`) the line and column of the file."""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if where and mark else problem
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file, for a message."""
+    return "is a directory, not a file" if path.is_dir() else "not found"
+
+
 def _resolve_include(name: str, relative_to: Path) -> Path:
     candidate = relative_to / name
     if not candidate.is_file():
-        raise ConfigError(f"include: file '{name}' not found (relative to {relative_to})")
+        raise ConfigError(f"include: file '{name}' {_not_a_file(candidate)} (relative to {relative_to})")
     return candidate
 
 
@@ -335,13 +351,13 @@ def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a YAML file and the files its `include:` names (earlier includes first, this file last)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found")
+        raise ConfigError(f"config file '{path}' {_not_a_file(path)}")
     if path.resolve() in _seen:
         raise ConfigError(f"include cycle through '{path}'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+        raise ConfigError(f"config file '{path}' is not valid YAML ({_yaml_problem(err)})") from err
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file '{path}' cannot be read: {err}") from err
     if not isinstance(data, dict):
@@ -363,9 +379,8 @@ def apply_override(tree: dict, override: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"override '{override}': the value of {dotted.strip()} is not valid YAML "
-                          f"({problem})") from None
+                          f"({_yaml_problem(err, where=False)})") from None
     keys = dotted.strip().split(".")
     node = tree
     for key in keys[:-1]:
@@ -524,7 +539,8 @@ def validate(config: Config) -> None:
     _require(c.every >= 0, f"checkpoint.every: must be >= 0, got {c.every}")
     _require(c.keep_last >= 1, f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
     if c.resume not in (None, "auto"):
-        _require(Path(c.resume).is_dir(), f"checkpoint.resume: checkpoint directory '{c.resume}' not found")
+        _require(Path(c.resume).is_dir(), f"checkpoint.resume: checkpoint directory '{c.resume}' "
+                                          f"{'is a file' if Path(c.resume).exists() else 'not found'}")
         _require((Path(c.resume) / "state.pt").is_file(),
                  f"checkpoint.resume: '{c.resume}' is not a complete checkpoint (no state.pt)")
     if config.optimizer.update_in_backward:
@@ -575,7 +591,7 @@ def _validate_distributed(config: Config) -> None:
              f"it is derived (global_batch_size / (batch_size x ranks))")
     if d.deepspeed_config is not None:
         _require(Path(d.deepspeed_config).is_file(),
-                 f"distributed.deepspeed_config: file '{d.deepspeed_config}' not found")
+                 f"distributed.deepspeed_config: file '{d.deepspeed_config}' {_not_a_file(Path(d.deepspeed_config))}")
     if d.backend in ("none",) and d.gradient_sync != "full":
         raise ConfigError("distributed.gradient_sync: applies to the ddp backend; distributed.backend is 'none'")
     if d.gradient_sync == "projected":

@@ -36,11 +36,14 @@ class MetricsLog:
         here leaves the old log or the new one, never a part."""
         kept = [line for line, record in _read_lines(self.path) if record.get("step", 0) <= step]
         temp = self.path.with_name(f".{self.path.name}.tmp")
-        with temp.open("w") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.path)
+        try:
+            with temp.open("w") as f:
+                f.write("".join(line + "\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.path)
+        finally:
+            temp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves the old log alone
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record; a NaN or infinite number is written as null, so every line is strict JSON."""

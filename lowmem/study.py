@@ -76,9 +76,7 @@ def expand_grid(runs: dict, grid: dict) -> dict[str, dict]:
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig, dict[str, Config]]:
     """The study and each run's validated training config (every run is checked before any starts)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file '{path}' not found")
-    study = from_dict(StudyConfig, yaml.safe_load(path.read_text()) or {}, "study")
+    study = from_dict(StudyConfig, read_yaml_tree(path), "study")  # its errors name the file
     if not study.runs:
         raise ConfigError("study.runs: list at least one run")
     base_tree = read_yaml_tree(path.parent / study.base)

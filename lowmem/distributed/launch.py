@@ -20,6 +20,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from lowmem.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -58,6 +60,11 @@ def init(backend: str, timeout_s: float, device: torch.device) -> DistContext:
     backend = resolve_backend(backend, world)
     if backend == "none":
         return DistContext()
+    # No launcher's rendezvous address (nor mpirun's, which DeepSpeed reads): it would fail deep inside torch
+    if "MASTER_ADDR" not in os.environ and not (backend == "deepspeed" and "OMPI_COMM_WORLD_SIZE" in os.environ):
+        raise ConfigError(f"distributed.backend: '{backend}' joins the ranks a launcher started (torchrun, "
+                          "deepspeed, accelerate launch set RANK, WORLD_SIZE and MASTER_ADDR), and none did; "
+                          "start the run with one, or set distributed.backend=auto on one process")
     timeout = datetime.timedelta(seconds=timeout_s)
     comm = "nccl" if device.type == "cuda" else "gloo"
     if backend == "deepspeed":
