@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lowmem.errors import OUT_OF_SPACE, CheckpointError, EnvironmentProblem
+from lowmem.errors import OUT_OF_SPACE, CheckpointError, EnvironmentProblem, error_summary
 
 CHECKPOINT_PREFIX = "step_"
 TEMP_PREFIX = ".tmp-"
@@ -201,8 +201,7 @@ def set_aside_newer(run_dir: Path, step: int) -> Path | None:
 def error_reason(err: Exception) -> str:
     if isinstance(err, pickle.UnpicklingError):
         return "not a readable torch file"
-    first_line = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {first_line[:200]}"
+    return error_summary(err)
 
 
 def load_state(path: Path, mmap: bool = False) -> dict[str, Any]:

@@ -55,6 +55,12 @@ def os_error_text(err: OSError) -> str:
     return f"{reason}: '{err.filename}'" + (f" -> '{err.filename2}'" if err.filename2 is not None else "")
 
 
+def error_summary(err: BaseException) -> str:
+    """`Type: first line of the message` (200 characters at most), to quote a library's error in one line."""
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first_line[:200]}"
+
+
 # What a full disk or an exhausted quota report as errno.
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

@@ -140,6 +140,24 @@ def include_a_directory(s: Setup) -> list[str]:
     return [str(path), *s.config()]
 
 
+def damaged_tokenizer(s: Setup) -> list[str]:
+    path = s.tmp / "damaged-tokenizer"
+    path.mkdir()
+    (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')  # lacks the rest
+    (path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    return s.config(f"tokenizer.name={path}", "tokenizer.train_bpe=null")
+
+
+def truncated_pretrained_weights(s: Setup) -> list[str]:
+    path = s.tmp / "truncated-model"
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                 vocab_size=400)).save_pretrained(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    return s.config(f"model.pretrained={path}", f"tokenizer.name={s.saved_tokenizer()}", "tokenizer.train_bpe=null",
+                    *SHAPE_NULLS)
+
+
 def metrics_log_is_a_directory(s: Setup) -> list[str]:
     (s.run_dir / "metrics.jsonl").mkdir(parents=True)
     return s.config()
@@ -229,6 +247,10 @@ CASES: list[tuple[str, Callable[[Setup], list[str]], list[str], list[str], int]]
      ["config error: checkpoint.resume: checkpoint directory", "bad.jsonl' is a file"], [], 2),
     ("tokenizer-name-is-a-file", lambda s: s.config(f"tokenizer.name={s.jsonl([])}", "tokenizer.train_bpe=null"),
      ["config error: tokenizer.name: cannot load", "bad.jsonl'"], [], 2),
+    ("tokenizer-file-damaged", damaged_tokenizer,
+     ["config error: tokenizer.name: cannot load", "damaged-tokenizer'", "KeyError"], [], 2),
+    ("pretrained-weights-truncated", truncated_pretrained_weights,
+     ["config error: model.pretrained: cannot load", "truncated-model'"], [], 2),
     ("metrics-log-is-a-directory", metrics_log_is_a_directory,
      ["environment error: is a directory: '", "metrics.jsonl'"], [], 2),
     ("diverging-run", lambda s: s.config("optimizer.lr=1e10"),

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, error_summary
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,15 @@ def reports_here(error: BaseException) -> bool:
     return world == 1 or rank == 0 or getattr(error, "rank_local", False)
 
 
+def collective_failed(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed under this rank (gloo's connection reset when a peer left,
+    a timeout), not a fault of this rank's own."""
+    if isinstance(error, dist.DistError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__) if isinstance(error, RuntimeError) else []
+    return bool(frames) and "torch/distributed/" in frames[-1].filename.replace(os.sep, "/")
+
+
 class ExitStatus:
     status: int = 0
 
@@ -109,8 +118,12 @@ def leave_together() -> Iterator[ExitStatus]:
     except SystemExit as stop:
         outcome.status = stop.code if isinstance(stop.code, int) else 1
     except BaseException as error:  # noqa: BLE001 (every failure must end this rank, whatever it is)
-        print(f"rank {launcher_world()[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
+        if collective_failed(error):  # the rank that left printed why; this one only says it followed
+            print(f"rank {launcher_world()[0]} stopped: a collective failed, another rank has ended or hangs (its "
+                  f"own message says why): {error_summary(error)}", file=sys.stderr)
+        else:
+            print(f"rank {launcher_world()[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
         outcome.status = 1
     sys.stdout.flush()
     sys.stderr.flush()
