@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import signal
+import sys
 from pathlib import Path
 
 
@@ -108,3 +109,10 @@ def report_line(err: BaseException) -> tuple[str, int]:
         return f"{EnvironmentProblem.kind}: {os_error_text(err)}", EnvironmentProblem.exit_code
     signum = interrupt_signal(err)
     return f"interrupted: {signal.Signals(signum).name}", 128 + signum
+
+
+def report(err: BaseException, more: str = "") -> int:
+    """Print a failure in REPORTED as its one line on stderr (with `more` after it); its exit status."""
+    line, status = report_line(err)
+    print(line + more, file=sys.stderr)
+    return status

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lowmem import checkpoint as ckpt
 from lowmem.config import ConfigError, QuantConfig, from_dict
-from lowmem.errors import REPORTED, CheckpointError, EnvironmentProblem, os_error_text, report_line
+from lowmem.errors import REPORTED, CheckpointError, EnvironmentProblem, os_error_text, report
 from lowmem.fake_quant import quantize_weight
 from lowmem.quant_linear import target_linears
 
@@ -95,10 +95,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, fake_quant: bool = False
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
         ckpt.share_weight_files(out_dir)
-    except OSError as err:
+    except BaseException as err:  # a full disk, Ctrl-C: no half-written model is left to be taken for whole
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
-        raise EnvironmentProblem(f"cannot write the model to '{out_dir}' ({os_error_text(err)})") from err
+        if isinstance(err, OSError):
+            raise EnvironmentProblem(f"cannot write the model to '{out_dir}' ({os_error_text(err)})") from err
+        raise
     return out_dir
 
 
@@ -113,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export(args.checkpoint, args.out_dir, args.fake_quant)
     except REPORTED as err:
-        line, status = report_line(err)
-        print(line, file=sys.stderr)
-        return status
+        return report(err)
     print(f"wrote {out}")
     return 0
 

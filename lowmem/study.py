@@ -32,7 +32,7 @@ import yaml
 
 from lowmem.config import (Config, ConfigError, apply_override, config_changes, config_from_tree, deep_merge, from_dict,
                            read_yaml_tree)
-from lowmem.errors import REPORTED, TrainingDiverged, TrainingInterrupted, report_line
+from lowmem.errors import REPORTED, TrainingDiverged, TrainingInterrupted, report
 from lowmem.metrics import read_metrics
 
 RESULT_FILE = "study_result.json"
@@ -306,13 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_study(args.study, args.overrides)
     except REPORTED as err:
-        line, status = report_line(err)
-        if isinstance(err, KeyboardInterrupt):  # a second Ctrl-C, or one outside a run's training loop
-            line += ", stopped at once"
+        more = ", stopped at once" if isinstance(err, KeyboardInterrupt) else ""  # a second Ctrl-C, or between runs
         if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)):
-            line += "; run the same command again to continue the study (finished runs are skipped)"
-        print(line, file=sys.stderr)
-        return status
+            more += "; run the same command again to continue the study (finished runs are skipped)"
+        return report(err, more)
     return 0
 
 

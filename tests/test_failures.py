@@ -10,6 +10,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -397,3 +399,13 @@ def test_export_faults_end_in_a_line_and_exports_are_readable_by_the_group(tmp_p
         assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(previous)
+
+
+def test_prepare_script_faults_end_in_a_line(tmp_path, corpus):
+    config = write_tiny_config(tmp_path, corpus)
+    done = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--config", str(config), "--out",
+                           str(tmp_path / "prepared"), f"data.files=[{corpus}]"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"data error: data.files: '{corpus}' is a directory")
