@@ -129,7 +129,8 @@ def test_a_full_disk_while_saving_removes_the_partial_write(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(EnvironmentProblem, match=r"no space left on device while writing the checkpoint '.*step_00000002'"):
+    with pytest.raises(EnvironmentProblem,
+                       match=r"no space left on device while writing the checkpoint '.*step_00000002'"):
         ckpt.save_checkpoint(tmp_path, 2, tiny_model(2), None, state_of(2), keep_last=1)
     assert [p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
 

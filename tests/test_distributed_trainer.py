@@ -212,8 +212,8 @@ def test_resuming_on_two_ranks_sets_the_newer_checkpoints_aside_once(tmp_path, c
     run = tmp_path / "run"
     config, _ = single(run, corpus, "train.global_batch_size=2")  # checkpoints at steps 3 and 6
     root = config.run_dir / "checkpoints"
-    spawn(train_worker, 2, str(run), str(corpus),
-          (*BASE, "train.global_batch_size=2", "distributed.backend=ddp", f"checkpoint.resume={root / 'step_00000003'}"),
+    resume = f"checkpoint.resume={root / 'step_00000003'}"
+    spawn(train_worker, 2, str(run), str(corpus), (*BASE, "train.global_batch_size=2", "distributed.backend=ddp", resume),
           None)
     aside = [p for p in root.iterdir() if p.name.startswith("abandoned-")]
     assert len(aside) == 1 and [p.name for p in aside[0].iterdir()] == ["step_00000006"]
