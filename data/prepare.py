@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,6 +23,7 @@ from lowmem.config import (ConfigError, DataConfig, TokenizerConfig, apply_overr
                            to_dict)
 from lowmem.data import (PREPARED_META, PREPARED_TOKENIZER, iter_documents, iter_eval_sequences, iter_sequences,
                          take_rows)
+from lowmem.errors import REPORTED, report
 from lowmem.tokenizer import build_tokenizer
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -133,4 +135,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except REPORTED as err:  # a bad key, an unreadable file, a full disk: one line, not a traceback
+        sys.exit(report(err))

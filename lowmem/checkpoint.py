@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lowmem.errors import CheckpointError
+from lowmem.errors import OUT_OF_SPACE, CheckpointError, EnvironmentProblem, error_summary
 
 CHECKPOINT_PREFIX = "step_"
 TEMP_PREFIX = ".tmp-"
@@ -38,12 +38,16 @@ def checkpoint_step(path: Path) -> int:
     return int(Path(path).name.removeprefix(CHECKPOINT_PREFIX))
 
 
+def _has_both_parts(path: Path) -> bool:
+    return (path / "state.pt").is_file() and (path / "model").is_dir()
+
+
 def is_complete(path: Path) -> bool:
     """Both parts of a checkpoint are present (what an interrupted write never leaves under a final name)."""
     path = Path(path)
     name = path.name
     return (path.is_dir() and name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
-            and (path / "state.pt").is_file() and (path / "model").is_dir())
+            and _has_both_parts(path))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -77,22 +81,31 @@ def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep_last: int) -> Path:
     """Write model + tokenizer + `state` for `step` atomically, then drop the checkpoints before `step` beyond
-    the newest `keep_last` (one of a higher step is never counted, so it can never push out the new one)."""
+    the newest `keep_last` (one of a higher step is never counted, so it can never push out the new one).
+    A write that fails (a full disk) leaves nothing behind and every earlier checkpoint as it was."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_saves(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     temp = root / f"{TEMP_PREFIX}{final.name}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    write_model(model, temp / "model")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(temp / "model")
-    torch.save(state, temp / "state.pt")
+    try:
+        write_model(model, temp / "model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temp / "model")
+        torch.save(state, temp / "state.pt")
+        share_weight_files(temp)
+    except BaseException as err:
+        full = _out_of_space(err, root)  # measured before the partial write's space is freed
+        shutil.rmtree(temp, ignore_errors=True)
+        if full:
+            raise EnvironmentProblem(
+                f"no space left on device while writing the checkpoint '{final}'; the partial write was "
+                f"removed and the earlier checkpoints are kept: free space on that disk, then continue with "
+                f"checkpoint.resume=auto") from err
+        raise
     if final.exists():  # the same step saved again: replace it whole
         old = root / f"{TEMP_PREFIX}old-{final.name}"
-        if old.exists():  # left by a replace that was interrupted
-            shutil.rmtree(old)
-        os.replace(final, old)
+        os.replace(final, old)  # killed from here to the next line: the next save or resume restores `old`
         os.replace(temp, final)
         shutil.rmtree(old)
     else:
@@ -100,6 +113,48 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
     for stale in [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step][:-keep_last]:
         shutil.rmtree(stale)
     return final
+
+
+# Less free space than this after a failed write means the write failed for want of it.
+LOW_SPACE_BYTES = 16 * 2**20
+
+
+def _out_of_space(err: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of disk space. safetensors names the errno in its message; torch.save
+    reports it as a RuntimeError of its zip writer ("unexpected pos ..."), so the free space tells."""
+    if isinstance(err, OSError):
+        return err.errno in OUT_OF_SPACE
+    if not isinstance(err, Exception):  # an interrupt
+        return False
+    if "No space left on device" in str(err) or "os error 28" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def recover_interrupted_saves(run_dir: Path) -> list[Path]:
+    """Finish what a killed save left in `checkpoints/`: a `.tmp-step_N` (a write that never completed) is
+    removed, and so is a `.tmp-old-step_N` beside its `step_N` (a replace killed while removing the old one);
+    a whole `.tmp-old-step_N` without `step_N` (a replace killed between its two renames) is the only copy
+    of that checkpoint, so it is renamed back to `step_N`. Only the run holding the directory's lock may call
+    this. Returns the checkpoints restored."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    restored = []
+    for path in sorted(root.glob(f"{TEMP_PREFIX}*")):
+        name = path.name.removeprefix(TEMP_PREFIX)
+        final = root / name.removeprefix("old-")
+        if name.startswith("old-") and not final.exists() and _has_both_parts(path):
+            os.replace(path, final)
+            restored.append(final)
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return restored
 
 
 def write_model(model, directory: Path) -> None:
@@ -112,6 +167,21 @@ def write_model(model, directory: Path) -> None:
             save_merged(model, directory)
         else:
             model.save_pretrained(directory, safe_serialization=True)
+
+
+def share_weight_files(directory: Path) -> None:
+    """Give the weight files under `directory` the mode any other file gets (0666 less the umask, readable by
+    the group): safetensors creates them 0600."""
+    mode = 0o666 & ~_umask()
+    for path in Path(directory).rglob("*.safetensors"):
+        os.chmod(path, mode)
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it; put back at once)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def set_aside_newer(run_dir: Path, step: int) -> Path | None:
@@ -130,11 +200,10 @@ def set_aside_newer(run_dir: Path, step: int) -> Path | None:
     return folder
 
 
-def _reason(err: Exception) -> str:
+def error_reason(err: Exception) -> str:
     if isinstance(err, pickle.UnpicklingError):
         return "not a readable torch file"
-    first_line = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {first_line[:200]}"
+    return error_summary(err)
 
 
 def load_state(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -146,7 +215,7 @@ def load_state(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # a truncated or overwritten file fails in many ways; each means "unreadable"
-        raise CheckpointError(f"checkpoint '{path}': state.pt cannot be read ({_reason(err)})") from err
+        raise CheckpointError(f"checkpoint '{path}': state.pt cannot be read ({error_reason(err)})") from err
     missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"checkpoint '{path}': state.pt lacks {', '.join(missing)}")
@@ -168,7 +237,7 @@ def check_weights(path: Path) -> None:
             with safe_open(str(file), framework="pt") as weights:
                 bad = non_finite((key, weights.get_tensor(key)) for key in weights.keys())
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint '{path}': {file.name} cannot be read ({_reason(err)})") from err
+            raise CheckpointError(f"checkpoint '{path}': {file.name} cannot be read ({error_reason(err)})") from err
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise CheckpointError(f"checkpoint '{path}': non-finite weights in {shown}")
@@ -198,7 +267,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         try:
             weights.update(load_file(file))
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint '{path}': {file.name} cannot be read ({_reason(err)})") from err
+            raise CheckpointError(f"checkpoint '{path}': {file.name} cannot be read ({error_reason(err)})") from err
     if "lm_head.weight" not in weights and getattr(model.config, "tie_word_embeddings", False):
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -1,21 +1,22 @@
 """Command line: `python train.py CONFIG.yaml [dotted.key=value ...]`, also under `torchrun`, `deepspeed` and
 `accelerate launch` (the rank and world size come from the launcher's environment).
 
-An input or environment problem ends with one line on stderr, `<kind>: <message>` naming the key, file, row
-or value, and a non-zero exit (2 for config and data errors, 1 for a diverged run, 128 + the signal's number
-for SIGINT/SIGTERM); only an unexpected internal error shows a traceback. On many ranks every rank exits
-with its status right away (lowmem.distributed.launch): a failure on one rank ends the others too.
+An input or environment problem ends with one line on stderr, `<kind> error: <message>` naming the key, file,
+row or value, and a non-zero exit (2 for config, data, checkpoint and environment errors such as a full disk,
+1 for a diverged run, 128 + the signal's number for SIGINT/SIGTERM); only an unexpected internal error shows a
+traceback. On many ranks the line is printed once (by rank 0, or by the one rank that alone met the fault),
+and every rank exits with its status right away (lowmem.distributed.launch): a failure on one rank ends the
+others too.
 """
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import TYPE_CHECKING
 
 from lowmem.config import load_config
 from lowmem.distributed import launch
-from lowmem.errors import LowmemError, TrainingDiverged
+from lowmem.errors import REPORTED, TrainingDiverged, report_line
 
 if TYPE_CHECKING:
     from lowmem.trainer import Trainer
@@ -49,21 +50,16 @@ def _run(args: argparse.Namespace) -> int:
 
         trainer = Trainer(config)
         final = trainer.fit()
-    except TrainingDiverged as err:
-        print(f"{err.kind}: {err}; {_last_good(trainer)}", file=sys.stderr)
-        return err.exit_code
-    except LowmemError as err:  # TrainingInterrupted too: its message names the checkpoint it wrote
-        print(f"{err.kind}: {err}", file=sys.stderr)
-        return err.exit_code
-    except OSError as err:  # the disk filled up, a file vanished or became unreadable
-        print(f"environment error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:  # Ctrl-C before training began, or a second signal during it
-        signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
-        when = f"after step {trainer.step}" if trainer is not None else "before training began"
-        kept = f"; {_last_good(trainer)}" if trainer is not None else ""
-        print(f"interrupted: {signal.Signals(signum).name} {when}, stopped at once{kept}", file=sys.stderr)
-        return 128 + signum
+    except REPORTED as err:
+        line, status = report_line(err)
+        if isinstance(err, TrainingDiverged):
+            line += f"; {_last_good(trainer)}"
+        elif isinstance(err, KeyboardInterrupt):  # Ctrl-C before training began, or a second signal during it
+            when = f"after step {trainer.step}" if trainer is not None else "before training began"
+            line += f" {when}, stopped at once" + (f"; {_last_good(trainer)}" if trainer is not None else "")
+        if launch.reports_here(err):  # on many ranks, once
+            print(line, file=sys.stderr)
+        return status
     if "eval_ppl" in final:
         print(f"done: step {final['step']}, eval loss {final['eval_loss']:.4f}, eval perplexity "
               f"{final['eval_ppl']:.2f}; run directory {trainer.run_dir}")

@@ -278,6 +278,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown key '{dotted}'{closest(str(key), names)}")
         kwargs[key] = _convert(value, hints[key], dotted)
+    required = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{required[0]}: missing; it has no default")
     return cls(**kwargs)
 
 
@@ -326,10 +330,22 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError, where: bool = True) -> str:
+    """A YAML error on one line: what is wrong and (`where`) the line and column of the file."""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if where and mark else problem
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file, for a message."""
+    return "is a directory, not a file" if path.is_dir() else "not found"
+
+
 def _resolve_include(name: str, relative_to: Path) -> Path:
     candidate = relative_to / name
     if not candidate.is_file():
-        raise ConfigError(f"include: file '{name}' not found (relative to {relative_to})")
+        raise ConfigError(f"include: file '{name}' {_not_a_file(candidate)} (relative to {relative_to})")
     return candidate
 
 
@@ -337,13 +353,13 @@ def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a YAML file and the files its `include:` names (earlier includes first, this file last)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found")
+        raise ConfigError(f"config file '{path}' {_not_a_file(path)}")
     if path.resolve() in _seen:
         raise ConfigError(f"include cycle through '{path}'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+        raise ConfigError(f"config file '{path}' is not valid YAML ({_yaml_problem(err)})") from err
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file '{path}' cannot be read: {err}") from err
     if not isinstance(data, dict):
@@ -365,9 +381,8 @@ def apply_override(tree: dict, override: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"override '{override}': the value of {dotted.strip()} is not valid YAML "
-                          f"({problem})") from None
+                          f"({_yaml_problem(err, where=False)})") from None
     keys = dotted.strip().split(".")
     node = tree
     for key in keys[:-1]:
@@ -455,6 +470,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> None:
     from lowmem.schedule import SCHEDULES
 
     m, d, t, c = config.model, config.data, config.train, config.checkpoint
+    _validate_run_name(config.run.name)
     if m.pretrained is None:
         _require(m.preset is not None, "model.preset: set a preset or model.pretrained")
         _require(m.preset in MODEL_PRESETS,
@@ -524,9 +540,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> None:
     _require(t.eval_tokens >= 1, f"train.eval_tokens: must be positive, got {t.eval_tokens}")
     _require(t.eval_batch_size is None or t.eval_batch_size >= 1,
              f"train.eval_batch_size: must be at least 1, got {t.eval_batch_size}")
-    _require(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
-             f"train.device: unknown device '{t.device}'{closest(t.device, ['auto', 'cpu', 'cuda'])}; "
-             "use auto, cpu, cuda or cuda:N")
+    _validate_device(t.device)
     _require(t.log_every >= 1, f"train.log_every: must be at least 1, got {t.log_every}")
     _require(t.schedule in SCHEDULES,
              f"train.schedule: unknown schedule '{t.schedule}'{closest(t.schedule, SCHEDULES)}; "
@@ -534,7 +548,8 @@ def validate(config: Config, world_size: Optional[int] = None) -> None:
     _require(c.every >= 0, f"checkpoint.every: must be >= 0, got {c.every}")
     _require(c.keep_last >= 1, f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
     if c.resume not in (None, "auto"):
-        _require(Path(c.resume).is_dir(), f"checkpoint.resume: checkpoint directory '{c.resume}' not found")
+        _require(Path(c.resume).is_dir(), f"checkpoint.resume: checkpoint directory '{c.resume}' "
+                                          f"{'is a file' if Path(c.resume).exists() else 'not found'}")
         _require((Path(c.resume) / "state.pt").is_file(),
                  f"checkpoint.resume: '{c.resume}' is not a complete checkpoint (no state.pt)")
     if config.optimizer.update_in_backward:
@@ -542,6 +557,34 @@ def validate(config: Config, world_size: Optional[int] = None) -> None:
                  "optimizer.update_in_backward: global gradient clipping needs every gradient at once; "
                  "set train.grad_clip=0 to update in backward")
     _validate_distributed(config, world_size)
+
+
+def _validate_run_name(name: str) -> None:
+    """The run directory is run.out_dir/run.name: a name of several parts (or none) would put it, and the
+    checkpoints a fresh run deletes by rotation, somewhere else."""
+    one_part = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    _require(one_part, f"run.name: {name!r} must be one directory name (not empty, '.' or '..', no '/'); "
+                       "set run.out_dir to say where the run directory goes")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _validate_device(name: str) -> None:
+    """A device string torch parses, of a kind lowmem runs on (whether this machine has it is checked when
+    the run starts: lowmem.trainer.pick_device)."""
+    if name == "auto":
+        return
+    kind = name.split(":")[0]
+    _require(kind in DEVICE_TYPES, f"train.device: unknown device '{name}'{closest(kind, ['auto', *DEVICE_TYPES])}; "
+                                   "use auto, cpu, cuda or cuda:N")
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{name}' is not a device (its index must be a number); use auto, cpu, "
+                          f"{kind} or {kind}:N") from None
 
 
 def _validate_distributed(config: Config, world_size: Optional[int]) -> None:
@@ -573,7 +616,7 @@ def _validate_distributed(config: Config, world_size: Optional[int]) -> None:
     user: dict = {}
     if d.deepspeed_config is not None:
         _require(Path(d.deepspeed_config).is_file(),
-                 f"distributed.deepspeed_config: file '{d.deepspeed_config}' not found")
+                 f"distributed.deepspeed_config: file '{d.deepspeed_config}' {_not_a_file(Path(d.deepspeed_config))}")
         _require(d.backend != "ddp", f"distributed.deepspeed_config: set, but distributed.backend is 'ddp', which "
                                      f"would ignore it; set distributed.backend=deepspeed (or auto under "
                                      f"accelerate launch --use_deepspeed)")

@@ -80,6 +80,11 @@ def resolve_files(cfg: DataConfig) -> tuple[list[str], str]:
         matches = sorted(glob.glob(str(pattern)))
         if not matches:
             raise DataError(f"data.files: no file matches '{pattern}'")
+        folders = [m for m in matches if os.path.isdir(m)]
+        if folders:
+            origin = f" (from '{pattern}')" if str(pattern) != folders[0] else ""
+            raise DataError(f"data.files: '{folders[0]}'{origin} is a directory, not a file; list the files in "
+                            f"it, e.g. '{os.path.join(folders[0], '*.txt')}'")
         files += [m for m in matches if m not in files]
     if cfg.format != "auto":
         return files, cfg.format
@@ -107,7 +112,35 @@ def naming_source(cfg: DataConfig) -> Iterator[None]:
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"cannot read {describe_source(cfg)}: {type(err).__name__}: {err}") from err
+        cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
+        if isinstance(cause, UnicodeDecodeError):
+            where = first_undecodable_file(cfg) or describe_source(cfg)
+            raise DataError(f"data.files: {where} is not UTF-8 text, so it cannot be read as "
+                            f"{resolve_files(cfg)[1]}; remove that file from data.files (a binary file is no "
+                            f"training text)") from err
+        raise DataError(f"cannot read {describe_source(cfg)}: {type(cause).__name__}: {cause}") from err
+
+
+def first_undecodable_file(cfg: DataConfig) -> str | None:
+    """The first file of a files source that is not UTF-8 ("'a.txt' (byte 1204)"), or None; read again, on
+    this error path only, since `datasets` does not say which file failed."""
+    if cfg.source != "files":
+        return None
+    import codecs
+
+    import fsspec
+
+    for file in resolve_files(cfg)[0]:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with fsspec.open(file, "rb", compression="infer") as f:
+            try:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    decoder.decode(chunk)
+                    offset += len(chunk)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as err:
+                return f"'{file}' (byte {offset + err.start})"
+    return None
 
 
 def load_source(cfg: DataConfig, split_name: str) -> datasets.Dataset | datasets.IterableDataset:

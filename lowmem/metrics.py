@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from lowmem.errors import EnvironmentProblem
 
 
 class MetricsLog:
@@ -28,10 +31,19 @@ class MetricsLog:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records a crashed run wrote past the checkpoint it resumes from, so steps stay unique."""
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Drop records a crashed run wrote past the checkpoint it resumes from, so steps stay unique, and a
+        last line torn by a kill. The file is replaced whole (written beside it, synced, renamed), so a crash
+        here leaves the old log or the new one, never a part."""
+        kept = [line for line, record in _read_lines(self.path) if record.get("step", 0) <= step]
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with temp.open("w") as f:
+                f.write("".join(line + "\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.path)
+        finally:
+            temp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves the old log alone
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record; a NaN or infinite number is written as null, so every line is strict JSON."""
@@ -62,6 +74,23 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each line of a metrics.jsonl with its record; a last line that is not whole JSON (torn by a kill
+    mid-write) is left out, one before others is damage a run cannot repair (EnvironmentProblem naming it)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            records.append((line, record))
+        except ValueError:
+            if number < len(lines):
+                raise EnvironmentProblem(f"line {number} of '{path}' is not JSON; move the file aside (or remove "
+                                         f"the line) to go on") from None
+    return records
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _read_lines(Path(run_dir) / "metrics.jsonl")]

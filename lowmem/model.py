@@ -7,6 +7,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, P
                           PreTrainedTokenizerBase)
 
 from lowmem.config import MODEL_SHAPE_KEYS, ConfigError, ModelConfig, closest
+from lowmem.errors import error_summary
 from lowmem.quant_linear import apply_fake_quant
 
 # Shapes of the GaLore/Fira/OSD benchmark configs (vocab 32000, untied head, RMSNorm eps 1e-6, no biases).
@@ -58,8 +59,9 @@ def load_pretrained(name: str, loader, **kwargs):
     """`loader.from_pretrained(name)`, with a failure reported against the `model.pretrained` key."""
     try:
         return loader.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.pretrained: cannot load '{name}' (a local directory or hub name): {err}") from err
+    except Exception as err:  # a missing name: OSError; a damaged config or weight file: JSON, safetensors...
+        raise ConfigError(f"model.pretrained: cannot load '{name}' (a local directory or hub name): "
+                          f"{error_summary(err)}") from err
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None, device: torch.device | str = "cpu",

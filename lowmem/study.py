@@ -32,7 +32,7 @@ import yaml
 
 from lowmem.config import (Config, ConfigError, apply_override, config_changes, config_from_tree, deep_merge, from_dict,
                            read_yaml_tree)
-from lowmem.errors import TrainingDiverged
+from lowmem.errors import REPORTED, TrainingDiverged, TrainingInterrupted, report
 from lowmem.metrics import read_metrics
 
 RESULT_FILE = "study_result.json"
@@ -76,9 +76,7 @@ def expand_grid(runs: dict, grid: dict) -> dict[str, dict]:
 def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig, dict[str, Config]]:
     """The study and each run's validated training config (every run is checked before any starts)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file '{path}' not found")
-    study = from_dict(StudyConfig, yaml.safe_load(path.read_text()) or {}, "study")
+    study = from_dict(StudyConfig, read_yaml_tree(path), "study")  # its errors name the file
     if not study.runs:
         raise ConfigError("study.runs: list at least one run")
     base_tree = read_yaml_tree(path.parent / study.base)
@@ -307,9 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_study(args.study, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    except REPORTED as err:
+        more = ", stopped at once" if isinstance(err, KeyboardInterrupt) else ""  # a second Ctrl-C, or between runs
+        if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)):
+            more += "; run the same command again to continue the study (finished runs are skipped)"
+        return report(err, more)
     return 0
 
 

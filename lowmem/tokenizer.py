@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from lowmem.config import ConfigError, BPEConfig, DataConfig, TokenizerConfig
 from lowmem.data import iter_documents, prepared_tokenizer_dir
-from lowmem.errors import CheckpointError, DataError
+from lowmem.errors import CheckpointError, DataError, error_summary
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -41,18 +41,24 @@ def build_tokenizer(cfg: TokenizerConfig, data_cfg: DataConfig,
         if not holds_tokenizer(directory):
             raise DataError(f"data.path: '{data_cfg.path}' has no tokenizer in {directory} (its ids are fixed in "
                             "the shards); write the directory with data/prepare.py, which saves it there")
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = _load(str(directory), DataError, "data.path")
     elif cfg.name is not None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.name)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"tokenizer.name: cannot load '{cfg.name}' (a local directory or hub name): "
-                              f"{err}") from err
+        tokenizer = _load(cfg.name, ConfigError, "tokenizer.name")
     elif cfg.train_bpe is not None:
         tokenizer = train_bpe(cfg.train_bpe, iter_documents(data_cfg, "train"))
     else:
         raise ValueError("tokenizer: set tokenizer.name or tokenizer.train_bpe")
     return ensure_special_tokens(tokenizer)
+
+
+def _load(name: str, error: type[ConfigError], key: str) -> PreTrainedTokenizerBase:
+    """AutoTokenizer.from_pretrained(name); `error` naming `key` when it fails (a missing name fails with an
+    OSError, a damaged tokenizer file with a KeyError, JSON or Unicode error...)."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:
+        raise error(f"{key}: cannot load '{name}' (a local directory or hub name): "
+                    f"{error_summary(err)}") from err
 
 
 def load_saved_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
@@ -61,7 +67,7 @@ def load_saved_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
         return ensure_special_tokens(AutoTokenizer.from_pretrained(str(directory)))
     except Exception as err:  # a damaged tokenizer file fails in many ways (KeyError, JSON, Unicode...)
         raise CheckpointError(f"checkpoint '{Path(directory).parent}': its tokenizer cannot be read "
-                              f"({type(err).__name__}: {str(err).strip()[:200]})") from err
+                              f"({error_summary(err)})") from err
 
 
 def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -42,17 +42,27 @@ __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted"]
 PARAM_DTYPES = PRECISION_DTYPES  # the weight dtype of each train.precision (model.dtype may override it)
 
 
-# Keys a resumed run may change; any other difference from the checkpoint's config is refused.
-RESUMABLE_CHANGES = ("run.out_dir", "checkpoint.", "log.", "train.max_steps", "train.max_tokens", "train.eval_every",
-                     "train.eval_tokens", "train.eval_batch_size", "train.log_every", "train.device", "distributed.")
+# Keys a resumed run may change; any other difference from the checkpoint's config is refused. The run's name
+# and directory say where it is, not what it trains: a copied run directory resumes under its new name.
+RESUMABLE_CHANGES = ("run.name", "run.out_dir", "checkpoint.", "log.", "train.max_steps", "train.max_tokens",
+                     "train.eval_every", "train.eval_tokens", "train.eval_batch_size", "train.log_every",
+                     "train.device", "distributed.")
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is available; use auto or cpu")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"train.device: '{name}' asked for, but this machine has no {device.type} device; "
+                          "use auto or cpu")
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"train.device: '{name}' asked for, but this machine has {count} {device.type} "
+                          f"device{'s' if count > 1 else ''} (indices 0 to {count - 1})")
     return device
 
 
@@ -145,10 +155,12 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from, resume_state)
             del resume_state
-            moved = ckpt.set_aside_newer(self.run_dir, self.step)
-            if moved is not None:
-                print(f"moved the checkpoints after step {self.step} (a run this one replaces, or ones that "
-                      f"cannot be loaded) to {moved}")
+            if self.dist.is_main:  # once: the other ranks wait at the barrier, then see the same directory
+                moved = ckpt.set_aside_newer(self.run_dir, self.step)
+                if moved is not None:
+                    print(f"moved the checkpoints after step {self.step} (a run this one replaces, or ones that "
+                          f"cannot be loaded) to {moved}")
+            self.runtime.barrier()
 
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -160,6 +172,10 @@ class Trainer:
     def _find_resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint to resume from and its state, or None for a fresh run. `auto` takes the newest
         checkpoint that loads, warning about each newer one that does not."""
+        if self.dist.is_main:  # the lock holder finishes what a killed save left, before anything is listed
+            for path in ckpt.recover_interrupted_saves(self.run_dir):
+                print(f"restored the checkpoint {path}, which a save killed while replacing it had set aside")
+        self.runtime.barrier()
         resume = self.config.checkpoint.resume
         if resume is None:
             if ckpt.list_checkpoints(self.run_dir):
@@ -384,7 +400,7 @@ class Trainer:
         with StopOnSignal() as stop:
             try:
                 while self.step < end:
-                    record = self.train_step([next(batches) for _ in range(self.grad_accum)])
+                    record = self.train_step(self._next_batches(batches))
                     window_tokens += self.global_batch * cfg.data.seq_len
                     evaluate_now = ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                                     or self.step == self.total_steps)
@@ -414,6 +430,13 @@ class Trainer:
             finally:
                 progress.close()
         return last
+
+    def _next_batches(self, batches: Iterator[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        try:
+            return [next(batches) for _ in range(self.grad_accum)]
+        except DataError as err:  # each rank reads its own share of the data: only this one met the fault
+            err.rank_local = True
+            raise
 
     def _log_memory(self) -> None:
         report = memory_report(self.model, self.optimizer)

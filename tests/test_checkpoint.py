@@ -1,8 +1,14 @@
+import errno
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lowmem import checkpoint as ckpt
+from lowmem.errors import EnvironmentProblem
 
 
 def tiny_model(seed: int) -> LlamaForCausalLM:
@@ -96,3 +102,43 @@ def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     for step in (99_999_999, 100_000_000):
         ckpt.save_checkpoint(tmp_path, step, tiny_model(1), None, state_of(step), keep_last=2)
     assert ckpt.latest_checkpoint(tmp_path).name == "step_100000000"
+
+
+def test_recovery_removes_killed_writes_and_restores_an_interrupted_replace(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model(step), None, state_of(step), keep_last=3)
+    root = ckpt.checkpoint_dir(tmp_path)
+    os.replace(root / "step_00000002", root / ".tmp-old-step_00000002")  # killed between the two renames
+    shutil.copytree(root / "step_00000003", root / ".tmp-old-step_00000003")  # killed removing the old copy
+    (root / ".tmp-old-step_00000007").mkdir()  # a removal that got as far as the parts: not a checkpoint
+    (root / ".tmp-step_00000004" / "model").mkdir(parents=True)  # killed while writing
+    assert ckpt.recover_interrupted_saves(tmp_path) == [root / "step_00000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]
+    ckpt.verify_checkpoint(root / "step_00000002")
+    # The next save mends the directory the same way before writing.
+    os.replace(root / "step_00000003", root / ".tmp-old-step_00000003")
+    ckpt.save_checkpoint(tmp_path, 4, tiny_model(4), None, state_of(4), keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_a_full_disk_while_saving_removes_the_partial_write(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, tiny_model(1), None, state_of(1), keep_last=1)
+
+    def no_space(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(EnvironmentProblem,
+                       match=r"no space left on device while writing the checkpoint '.*step_00000002'"):
+        ckpt.save_checkpoint(tmp_path, 2, tiny_model(2), None, state_of(2), keep_last=1)
+    assert [p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir()] == ["step_00000001"]
+
+
+def test_weight_files_are_readable_by_the_group(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, tiny_model(1), None, state_of(1), keep_last=1)
+    finally:
+        os.umask(previous)
+    assert (path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o640

@@ -198,3 +198,45 @@ def test_a_zero_stage_given_to_accelerate_that_the_config_contradicts_is_refused
     config = build_tiny_config(tmp_path, corpus, "distributed.zero_stage=2")
     assert DeepSpeedRuntime(DistContext(0, 0, 2, "deepspeed"), config).deepspeed_config()["zero_optimization"][
         "stage"] == 2
+
+
+def test_resuming_on_two_ranks_sets_the_newer_checkpoints_aside_once(tmp_path, corpus):
+    run = tmp_path / "run"
+    config, _ = single(run, corpus, "train.global_batch_size=2")  # checkpoints at steps 3 and 6
+    root = config.run_dir / "checkpoints"
+    resume = f"checkpoint.resume={root / 'step_00000003'}"
+    spawn(train_worker, 2, str(run), str(corpus), (*BASE, "train.global_batch_size=2", "distributed.backend=ddp", resume),
+          None)
+    aside = [p for p in root.iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and [p.name for p in aside[0].iterdir()] == ["step_00000006"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_00000003", "step_00000006"]
+
+
+LOCAL_DATA_FAULT = """
+import sys
+from lowmem import cli
+from lowmem.errors import DataError
+from lowmem.trainer import Trainer
+
+def bad_rows():
+    raise DataError("data.text_field: line 9 of 'part-1.jsonl' has no text in 'text'")
+    yield
+
+real = Trainer._next_batches
+def next_batches(self, batches):  # only rank 1's share of the data holds the bad row
+    return real(self, bad_rows() if self.dist.rank == 1 and self.step == 2 else batches)
+Trainer._next_batches = next_batches
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_fault_on_two_ranks_is_printed_once_on_one_line(tmp_path, corpus):
+    build_tiny_config(tmp_path, corpus, *BASE)
+    args = [str(tmp_path / "config.yaml"), *BASE, "distributed.backend=ddp", "distributed.timeout_s=120"]
+    done, _ = torchrun(tmp_path, [str(ROOT / "train.py"), *args, "optimizer.lr=.inf"])  # met alike by every rank
+    assert done.stderr.count("config error: optimizer.lr: must be a finite number, got inf") == 1, done.stderr
+    script = tmp_path / "local_fault.py"
+    script.write_text(LOCAL_DATA_FAULT)
+    done, _ = torchrun(tmp_path, [str(script), *args])  # met by rank 1 alone, which says so
+    assert done.stderr.count("data error: data.text_field: line 9 of 'part-1.jsonl'") == 1, done.stderr
+    assert "rank 0 stopped: a collective failed" in done.stderr and "rank 0 failed" not in done.stderr

@@ -8,17 +8,26 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import WORDS, write_tiny_config
+from lowmem import checkpoint as ckpt
 from lowmem.cli import main
 from lowmem.config import BPEConfig
+from lowmem.export import main as export_main
+from lowmem.metrics import read_metrics
 from lowmem.rundir import RunLock
 from lowmem.tokenizer import train_bpe
 
@@ -104,6 +113,58 @@ def disk_full_at_the_first_checkpoint(s: Setup) -> list[str]:
     return s.config()
 
 
+def cuda_absent(s: Setup) -> list[str]:
+    s.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return s.config("train.device=cuda")
+
+
+def cuda_absent_index(s: Setup) -> list[str]:
+    s.monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    s.monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    return s.config("train.device=cuda:3")
+
+
+def mps_absent(s: Setup) -> list[str]:
+    s.monkeypatch.setattr(torch.mps, "is_available", lambda: False)
+    return s.config("train.device=mps")
+
+
+def binary_data_file(s: Setup) -> list[str]:
+    path = s.tmp / "random.bin"
+    path.write_bytes(bytes([0xF0, 0x28, 0x8C, 0x28]) * 256)
+    return s.config(f"data.files=[{path}]")
+
+
+def include_a_directory(s: Setup) -> list[str]:
+    (s.tmp / "models").mkdir()
+    path = s.tmp / "with-include.yaml"
+    path.write_text("include: models\n")
+    return [str(path), *s.config()]
+
+
+def damaged_tokenizer(s: Setup) -> list[str]:
+    path = s.tmp / "damaged-tokenizer"
+    path.mkdir()
+    (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')  # lacks the rest
+    (path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    return s.config(f"tokenizer.name={path}", "tokenizer.train_bpe=null")
+
+
+def truncated_pretrained_weights(s: Setup) -> list[str]:
+    path = s.tmp / "truncated-model"
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                 vocab_size=400)).save_pretrained(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    return s.config(f"model.pretrained={path}", f"tokenizer.name={s.saved_tokenizer()}", "tokenizer.train_bpe=null",
+                    *SHAPE_NULLS)
+
+
+def metrics_log_is_a_directory(s: Setup) -> list[str]:
+    (s.run_dir / "metrics.jsonl").mkdir(parents=True)
+    return s.config()
+
+
 def config_not_utf8(s: Setup) -> list[str]:
     path = s.tmp / "latin1.yaml"
     path.write_bytes("run: {name: caf\xe9}\n".encode("latin-1"))
@@ -161,7 +222,39 @@ CASES: list[tuple[str, Callable[[Setup], list[str]], list[str], list[str], int]]
      ["warning: checkpoint", "step_00000004': state.pt cannot be read (not a readable torch file); no older one left",
       "checkpoint error: checkpoint.resume: none of the 1 checkpoints in"], [], 2),
     ("disk-full-while-writing-a-checkpoint", disk_full_at_the_first_checkpoint,
-     ["environment error: [Errno 28] No space left on device:", "state.pt"], [], 1),
+     ["environment error: no space left on device while writing the checkpoint", "step_00000004'",
+      "checkpoint.resume=auto"], [], 2),
+    *[(f"run-name-{label}", lambda s, name=name: s.config(f"run.name={name}"),
+       [f"config error: run.name: {name!r} must be one directory name"], ["model:"], 2)
+      for label, name in (("parent", "../x"), ("absolute", "/tmp/x"), ("nested", "a/b"), ("dot", "."),
+                          ("dot-dot", ".."), ("empty", ""))],
+    ("device-index-not-a-number", lambda s: s.config("train.device=cuda:abc"),
+     ["config error: train.device: 'cuda:abc' is not a device"], [], 2),
+    ("device-cuda-absent", cuda_absent,
+     ["config error: train.device: 'cuda' asked for, but this machine has no cuda device"], [], 2),
+    ("device-cuda-index-absent", cuda_absent_index,
+     ["config error: train.device: 'cuda:3' asked for, but this machine has 1 cuda device"], [], 2),
+    ("device-mps-absent", mps_absent, ["config error: train.device: 'mps' asked for, but this machine has no mps"],
+     [], 2),
+    ("data-file-is-a-directory", lambda s: s.config(f"data.files=[{s.corpus}]"),
+     ["data error: data.files:", "is a directory, not a file", "*.txt"], [], 2),
+    ("binary-file-as-text", binary_data_file,
+     ["data error: data.files: '", "random.bin' (byte 0) is not UTF-8 text, so it cannot be read as text"], [], 2),
+    ("config-file-is-a-directory", lambda s: [str(s.tmp)], ["config error: config file", "is a directory"], [], 2),
+    ("include-is-a-directory", include_a_directory,
+     ["config error: include: file 'models' is a directory, not a file"], [], 2),
+    ("ddp-without-a-launcher", lambda s: s.config("distributed.backend=ddp"),
+     ["config error: distributed.backend: 'ddp' joins the ranks a launcher started"], [], 2),
+    ("checkpoint-resume-is-a-file", lambda s: s.config(f"checkpoint.resume={s.jsonl([])}"),
+     ["config error: checkpoint.resume: checkpoint directory", "bad.jsonl' is a file"], [], 2),
+    ("tokenizer-name-is-a-file", lambda s: s.config(f"tokenizer.name={s.jsonl([])}", "tokenizer.train_bpe=null"),
+     ["config error: tokenizer.name: cannot load", "bad.jsonl'"], [], 2),
+    ("tokenizer-file-damaged", damaged_tokenizer,
+     ["config error: tokenizer.name: cannot load", "damaged-tokenizer'", "KeyError"], [], 2),
+    ("pretrained-weights-truncated", truncated_pretrained_weights,
+     ["config error: model.pretrained: cannot load", "truncated-model'"], [], 2),
+    ("metrics-log-is-a-directory", metrics_log_is_a_directory,
+     ["environment error: is a directory: '", "metrics.jsonl'"], [], 2),
     ("diverging-run", lambda s: s.config("optimizer.lr=1e10"),
      ["training stopped: loss became nan at step", "there is no good checkpoint to resume from"], [], 1),
 ]
@@ -180,7 +273,139 @@ def test_fault_ends_with_a_message_naming_its_cause(tmp_path, corpus, capsys, mo
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     assert words[0] in err, f"{words[0]!r} not on stderr:\n{err}"
+    last = err.strip().splitlines()[-1]  # the fault's one line, "<kind>: <message>"
+    assert re.match(r"[a-z ]+: ", last) and any(word in last for word in words), last
     for word in words[1:]:
         assert word in out + err, f"{word!r} not in:\n{out + err}"
     for word in absent:
         assert word not in out + err
+
+
+# Faults whose disk state after the run matters too: each is driven through the command line, then the run
+# directory is inspected.
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def no_space(obj, path, *args, **kwargs) -> None:
+    """torch.save writing part of the file, then failing as a full disk does: OSError ENOSPC."""
+    Path(path).write_bytes(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def zip_writer_failure(obj, path, *args, **kwargs) -> None:
+    """torch.save as it fails on a really full disk: a RuntimeError of its zip writer, naming no errno."""
+    Path(path).write_bytes(b"partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+@pytest.mark.parametrize("fault", [no_space, zip_writer_failure])
+def test_disk_full_on_a_later_save_keeps_the_earlier_checkpoint(tmp_path, corpus, capsys, monkeypatch, fault):
+    s = Setup(tmp_path, corpus, monkeypatch)
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):  # the first checkpoint (step 4) is written, the second (step 8) fails
+        calls.append(path)
+        return (real_save if len(calls) == 1 else fault)(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    if fault is zip_writer_failure:  # the free space is what tells a full disk here
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    assert main(s.config("train.max_steps=8")) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        f"environment error: no space left on device while writing the checkpoint "
+        f"'{s.run_dir / 'checkpoints' / 'step_00000008'}'")
+    assert checkpoint_names(s.run_dir) == ["step_00000004"]  # the partial .tmp-step_00000008 is gone
+    ckpt.verify_checkpoint(s.run_dir / "checkpoints" / "step_00000004")
+    assert main(s.config("train.max_steps=8", "checkpoint.resume=auto")) == 0  # space freed: it continues
+    assert checkpoint_names(s.run_dir) == ["step_00000004", "step_00000008"]
+
+
+def test_a_killed_save_and_an_interrupted_replace_are_mended_by_the_next_run(tmp_path, corpus, capsys, monkeypatch):
+    s = Setup(tmp_path, corpus, monkeypatch)
+    assert main(s.config("train.max_steps=4")) == 0
+    root = s.run_dir / "checkpoints"
+    os.replace(root / "step_00000004", root / ".tmp-old-step_00000004")  # killed between a replace's renames
+    (root / ".tmp-step_00000008" / "model").mkdir(parents=True)  # killed while writing step 8
+    (root / ".tmp-step_00000008" / "state.pt").write_bytes(b"torn")
+    capsys.readouterr()
+    # A fresh run on the directory sees the restored checkpoint, and refuses to overwrite it.
+    assert main(s.config("train.max_steps=8")) == 2
+    out, err = capsys.readouterr()
+    assert f"restored the checkpoint {root / 'step_00000004'}" in out
+    assert "config error: run.name:" in err and "already holds checkpoints" in err
+    assert checkpoint_names(s.run_dir) == ["step_00000004"]
+    assert main(s.config("train.max_steps=8", "checkpoint.resume=auto")) == 0
+    assert f"resumed from {root / 'step_00000004'} at step 4" in capsys.readouterr().out
+    assert checkpoint_names(s.run_dir) == ["step_00000004", "step_00000008"]
+
+
+def test_a_torn_last_metrics_line_does_not_block_a_resume(tmp_path, corpus, capsys, monkeypatch):
+    s = Setup(tmp_path, corpus, monkeypatch)
+    assert main(s.config("train.max_steps=4")) == 0
+    with (s.run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 2.')  # killed in the middle of a write
+    assert main(s.config("train.max_steps=6", "checkpoint.resume=auto")) == 0
+    assert [r["step"] for r in read_metrics(s.run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_copied_run_directory_resumes_under_its_new_name(tmp_path, corpus, capsys, monkeypatch):
+    s = Setup(tmp_path, corpus, monkeypatch)
+    assert main(s.config("train.max_steps=4")) == 0
+    copy = s.run_dir.parent / "b"
+    shutil.copytree(s.run_dir, copy)  # cp -r runs/t runs/b
+    assert main(s.config("run.name=b", "train.max_steps=6", "checkpoint.resume=auto")) == 0
+    assert f"resumed from {copy / 'checkpoints' / 'step_00000004'} at step 4" in capsys.readouterr().out
+    assert checkpoint_names(copy) == ["step_00000004", "step_00000006"]
+    assert checkpoint_names(s.run_dir) == ["step_00000004"]  # the original is left as it was
+    assert yaml.safe_load((copy / "config.yaml").read_text())["run"]["name"] == "b"
+
+
+def test_export_faults_end_in_a_line_and_exports_are_readable_by_the_group(tmp_path, corpus, capsys, monkeypatch):
+    s = Setup(tmp_path, corpus, monkeypatch)
+    previous = os.umask(0o022)
+    try:
+        assert main(s.config("train.max_steps=4")) == 0
+        checkpoint = s.run_dir / "checkpoints" / "step_00000004"
+        assert (checkpoint / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "a-file").write_text("")
+        capsys.readouterr()
+        faults = [  # (argv, the line's start on stderr, more words)
+            ([str(checkpoint), str(tmp_path / "a-file")], "config error: output '", "a-file' is a file"),
+            ([str(checkpoint), str(tmp_path / "a-file" / "out")], "environment error: cannot write the model to",
+             "not a directory"),
+        ]
+        broken = tmp_path / "broken"
+        shutil.copytree(checkpoint, broken)
+        weights = broken / "model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+        faults.append(([str(broken), str(tmp_path / "out")], f"checkpoint error: checkpoint '{broken}': "
+                       "model.safetensors cannot be read", ""))
+        for argv, start, words in faults:
+            assert export_main(argv) == 2, argv
+            err = capsys.readouterr().err
+            line = err.strip().splitlines()[-1]  # after the progress bars
+            assert line.startswith(start) and words in line and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+        # A run directory exports its newest good checkpoint.
+        assert export_main([str(s.run_dir), str(tmp_path / "out")]) == 0
+        assert f"exporting {checkpoint}, the newest good checkpoint" in capsys.readouterr().out
+        assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
+
+
+def test_prepare_script_faults_end_in_a_line(tmp_path, corpus):
+    config = write_tiny_config(tmp_path, corpus)
+    done = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--config", str(config), "--out",
+                           str(tmp_path / "prepared"), f"data.files=[{corpus}]"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"data error: data.files: '{corpus}' is a directory")

@@ -1,7 +1,9 @@
 import json
+import os
 
 import pytest
 
+from lowmem.errors import EnvironmentProblem
 from lowmem.metrics import MetricsLog, read_metrics
 
 
@@ -21,3 +23,31 @@ def test_every_line_is_strict_json_with_non_finite_numbers_as_null(tmp_path):
     assert read_metrics(tmp_path) == [strict(lines[0])]
     with pytest.raises(ValueError, match="NaN is not JSON"):
         strict(json.dumps({"loss": float("nan")}))  # what a plain json.dumps would have written
+
+
+def test_a_resume_drops_a_torn_last_line_and_replaces_the_log_whole(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.log({"step": step, "loss": 1.0})
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    before = path.read_text()
+
+    def crash(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        MetricsLog(tmp_path, resume_step=2)
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    monkeypatch.undo()
+    MetricsLog(tmp_path, resume_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
+
+
+def test_a_damaged_line_before_others_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(EnvironmentProblem, match=r"line 2 of '.*metrics.jsonl' is not JSON"):
+        MetricsLog(tmp_path, resume_step=2)

@@ -1,10 +1,13 @@
 import csv
+import signal
+from pathlib import Path
 
 import pytest
 import yaml
 
 from lowmem import study as study_module
 from lowmem.config import ConfigError
+from lowmem.errors import TrainingInterrupted
 from lowmem.metrics import read_metrics
 from lowmem.study import expand_grid, load_study, pareto_front, run_study
 
@@ -137,3 +140,34 @@ def test_tiny_all_runs_every_registered_optimizer():
 
     _, configs = load_study(Path(__file__).resolve().parent.parent / "configs" / "studies" / "tiny_all.yaml")
     assert {c.optimizer.name for c in configs.values()} == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("stop, status, words", [
+    (lambda: KeyboardInterrupt(), 130, "interrupted: SIGINT, stopped at once; run the same command again"),
+    (lambda: TrainingInterrupted(signal.SIGTERM, 3, Path("runs/s/one/checkpoints/step_00000003")), 143,
+     "interrupted: SIGTERM received: stopped after step 3 and wrote the checkpoint"),
+])
+def test_ctrl_c_during_a_study_ends_with_one_line_and_128_plus_the_signal(tmp_path, corpus, make_config, monkeypatch,
+                                                                          capsys, stop, status, words):
+    from lowmem.trainer import Trainer
+
+    path = write_study(make_config, tmp_path, corpus, {"one": {"optimizer": {"name": "adamw"}}})
+
+    def fit(self, stop_at_step=None):
+        raise stop()
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    assert study_module.main([str(path)]) == status
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(words) and "Traceback" not in err
+    assert "run the same command again to continue the study" in err
+
+
+def test_a_study_file_that_is_not_valid_yaml_or_lacks_its_base_is_a_config_error(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("runs: [\n")
+    (tmp_path / "no-base.yaml").write_text("runs: {a: {}}\n")
+    assert study_module.main([str(tmp_path / "bad.yaml")]) == 2
+    assert study_module.main([str(tmp_path / "no-base.yaml")]) == 2
+    bad, no_base = capsys.readouterr().err.strip().splitlines()
+    assert bad.startswith("config error: config file") and "bad.yaml' is not valid YAML" in bad
+    assert no_base == "config error: study.base: missing; it has no default"

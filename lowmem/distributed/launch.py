@@ -20,6 +20,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from lowmem.errors import ConfigError, error_summary
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -58,6 +60,11 @@ def init(backend: str, timeout_s: float, device: torch.device) -> DistContext:
     backend = resolve_backend(backend, world)
     if backend == "none":
         return DistContext()
+    # No launcher's rendezvous address (nor mpirun's, which DeepSpeed reads): it would fail deep inside torch
+    if "MASTER_ADDR" not in os.environ and not (backend == "deepspeed" and "OMPI_COMM_WORLD_SIZE" in os.environ):
+        raise ConfigError(f"distributed.backend: '{backend}' joins the ranks a launcher started (torchrun, "
+                          "deepspeed, accelerate launch set RANK, WORLD_SIZE and MASTER_ADDR), and none did; "
+                          "start the run with one, or set distributed.backend=auto on one process")
     timeout = datetime.timedelta(seconds=timeout_s)
     comm = "nccl" if device.type == "cuda" else "gloo"
     if backend == "deepspeed":
@@ -74,6 +81,22 @@ def device_for(name: str, local_rank: int) -> str:
     if name == "auto" and torch.cuda.is_available():
         return f"cuda:{local_rank}"
     return name
+
+
+def reports_here(error: BaseException) -> bool:
+    """Whether this rank prints a failure's line: a fault every rank meets alike (a config value, a checkpoint,
+    a signal) is printed by rank 0 alone, one only this rank met (`rank_local`) by this rank."""
+    rank, _, world = launcher_world()
+    return world == 1 or rank == 0 or getattr(error, "rank_local", False)
+
+
+def collective_failed(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed under this rank (gloo's connection reset when a peer left,
+    a timeout), not a fault of this rank's own."""
+    if isinstance(error, dist.DistError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__) if isinstance(error, RuntimeError) else []
+    return bool(frames) and "torch/distributed/" in frames[-1].filename.replace(os.sep, "/")
 
 
 class ExitStatus:
@@ -95,8 +118,12 @@ def leave_together() -> Iterator[ExitStatus]:
     except SystemExit as stop:
         outcome.status = stop.code if isinstance(stop.code, int) else 1
     except BaseException as error:  # noqa: BLE001 (every failure must end this rank, whatever it is)
-        print(f"rank {launcher_world()[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
+        if collective_failed(error):  # the rank that left printed why; this one only says it followed
+            print(f"rank {launcher_world()[0]} stopped: a collective failed, another rank has ended or hangs (its "
+                  f"own message says why): {error_summary(error)}", file=sys.stderr)
+        else:
+            print(f"rank {launcher_world()[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
         outcome.status = 1
     sys.stdout.flush()
     sys.stderr.flush()
