@@ -22,6 +22,7 @@ from lowmem import checkpoint as ckpt
 from lowmem.config import ConfigError, QuantConfig, from_dict
 from lowmem.errors import REPORTED, CheckpointError, EnvironmentProblem, os_error_text, report
 from lowmem.fake_quant import quantize_weight
+from lowmem.library_output import quiet_accelerator_probe
 from lowmem.quant_linear import target_linears
 
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fake-quant", action="store_true",
                         help="write the model.quant target weights quantize-dequantized")
     args = parser.parse_args(argv)
+    quiet_accelerator_probe()  # saving imports DeepSpeed (through accelerate), which would warn on a CPU machine
     try:
         out = export(args.checkpoint, args.out_dir, args.fake_quant)
     except REPORTED as err:
