@@ -41,11 +41,6 @@ def _run(args: argparse.Namespace) -> int:
     trainer = None
     try:
         config = load_config(files, overrides)
-    except LowmemError as err:  # every rank reads the same files and environment: rank 0 alone reports it
-        if launch.launcher_world()[0] == 0:
-            print(f"{err.kind}: {err}", file=sys.stderr)
-        return err.exit_code
-    try:
         from lowmem.trainer import Trainer
 
         trainer = Trainer(config)
