@@ -209,7 +209,7 @@ def case_microadam(ef_block: int):
     def run(device):
         from lowmem.optim.microadam import ef_quantize, window_width
 
-        o = SimpleNamespace(window=3, k_init=0.05, topk_block=512, ef_block=ef_block, state_dtype="auto")
+        o = SimpleNamespace(window=3, k_init=0.05, topk_block=512, ef_block=ef_block, state_dtype="auto", ef_alpha=0.0)
         numel = 3737
         width = window_width(numel, o.topk_block, o.k_init)
         codes, low, high = ef_quantize(torch.zeros(numel, device=device), o.ef_block)

@@ -18,7 +18,10 @@ except ImportError:
     HAVE_TRITON = False
 
     class _Language:
-        constexpr = Any  # kernel signatures annotate with tl.constexpr; bodies never run without Triton
+        # kernel signatures annotate with tl.constexpr, module constants call it; bodies never run without Triton
+        @staticmethod
+        def constexpr(value: Any = None) -> Any:
+            return value
 
     tl = _Language()
 

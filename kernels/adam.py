@@ -9,7 +9,7 @@ back in their format (new absmax per block, nearest code), then either
     adam_update     update the weight in place, W -= lr D with decoupled decay before or after (the pipeline's
                     Adam conventions), fp32 or bf16 weights (bf16 rounded to nearest, or stochastically).
 
-Quantization reproduces `lowmem.optim.quantization.quantize`: x times the reciprocal of max(absmax, 1e-30),
+Quantization reproduces `lowmem.optim.quantization.quantize`: x times the reciprocal of max(absmax, SCALE_FLOOR),
 clamped to [-1, 1], and the code is the number of map midpoints below it (torch.bucketize). A tile holds ROWS
 quantization blocks (256 for int8, 128 for int4 as byte pairs: element 2i in the low nibble). State tensors
 are exactly the storage's, so a checkpoint written by either path is read by the other. Not fused: the
@@ -56,10 +56,20 @@ def _encode(x, mid_ptr, BITS: tl.constexpr):
     return code
 
 
+# quantization.SCALE_FLOOR: encode and decode floor a block's scale alike (a block of zeros divides by it)
+SCALE_FLOOR = tl.constexpr(q.SCALE_FLOOR)
+
+
+@jit
+def _floored_scales(scale_ptr, rows, row_mask):
+    """The blocks' stored scales, floored as `quantization.dequantize` floors them, one per row of the tile."""
+    return tl.maximum(tl.load(scale_ptr + rows, mask=row_mask, other=0.0), SCALE_FLOOR)[:, None]
+
+
 @jit
 def _normalize(x, absmax):
     """x times the reciprocal of the floored block absmax, clamped: `quantization.quantize` before the codes."""
-    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-30))
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, SCALE_FLOOR))
     return tl.minimum(tl.maximum(x * inv[:, None], -1.0), 1.0)
 
 
@@ -115,8 +125,8 @@ def _adam_tile(block0, numel, out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale
         byte = lo // 2
         m_bytes = tl.load(m_ptr + byte, mask=lo_mask, other=0).to(tl.int32)
         v_bytes = tl.load(v_ptr + byte, mask=lo_mask, other=0).to(tl.int32)
-        m_scale = tl.maximum(tl.load(m_scale_ptr + rows, mask=row_mask, other=0.0), 1e-30)[:, None]
-        v_scale = tl.maximum(tl.load(v_scale_ptr + rows, mask=row_mask, other=0.0), 1e-30)[:, None]
+        m_scale = _floored_scales(m_scale_ptr, rows, row_mask)
+        v_scale = _floored_scales(v_scale_ptr, rows, row_mask)
         g_lo = tl.load(g_ptr + offset(lo, ncols, g_s0, g_s1, STRIDED), mask=lo_mask, other=0.0).to(tl.float32)
         g_hi = tl.load(g_ptr + offset(hi, ncols, g_s0, g_s1, STRIDED), mask=hi_mask, other=0.0).to(tl.float32)
         v_lo = tl.load(v_map + (v_bytes & 15)) * v_scale
@@ -146,8 +156,8 @@ def _adam_tile(block0, numel, out_ptr, g_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale
         mask = idx < numel
         g = tl.load(g_ptr + offset(idx, ncols, g_s0, g_s1, STRIDED), mask=mask, other=0.0).to(tl.float32)
         if STATE == 2:  # INT8
-            m_scale = tl.maximum(tl.load(m_scale_ptr + rows, mask=row_mask, other=0.0), 1e-30)[:, None]
-            v_scale = tl.maximum(tl.load(v_scale_ptr + rows, mask=row_mask, other=0.0), 1e-30)[:, None]
+            m_scale = _floored_scales(m_scale_ptr, rows, row_mask)
+            v_scale = _floored_scales(v_scale_ptr, rows, row_mask)
             m = tl.load(m_map + tl.load(m_ptr + idx, mask=mask, other=0).to(tl.int32)) * m_scale
             v = tl.load(v_map + tl.load(v_ptr + idx, mask=mask, other=0).to(tl.int32)) * v_scale
         else:
