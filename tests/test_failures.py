@@ -176,6 +176,21 @@ def out_dir_is_a_file(s: Setup) -> list[str]:
     return s.config(f"run.out_dir={s.tmp / 'a-file' / 'runs'}")
 
 
+def zero_fragment_map_disagrees(s: Setup) -> list[str]:
+    """ZeroShardedOptimizer's own check of DeepSpeed's fp32 partition (a fragment map that does not say where
+    the weight's values are, as with round_robin_gradients), met while the run builds its optimizer."""
+    from lowmem.distributed.zero import ZeroShardedOptimizer
+
+    def refused(model, options):
+        weight = torch.nn.Parameter(torch.ones(4))
+        weight._hp_mapping = SimpleNamespace(lp_fragment_address=SimpleNamespace(start=0, numel=4),
+                                             hp_fragment=torch.zeros(4))
+        ZeroShardedOptimizer._check_fragments(SimpleNamespace(names={weight: "layers.0.mlp.up_proj.weight"}))
+
+    s.monkeypatch.setattr("lowmem.trainer.build_optimizer", refused)
+    return s.config()
+
+
 # (id, setup returning argv, words the output must hold (the first on stderr), words it must not, exit status).
 # "model:" is printed when training starts: a fault found after it was found mid-run.
 CASES: list[tuple[str, Callable[[Setup], list[str]], list[str], list[str], int]] = [
@@ -251,6 +266,9 @@ CASES: list[tuple[str, Callable[[Setup], list[str]], list[str], list[str], int]]
      ["config error: tokenizer.name: cannot load", "bad.jsonl'"], [], 2),
     ("tokenizer-file-damaged", damaged_tokenizer,
      ["config error: tokenizer.name: cannot load", "damaged-tokenizer'", "KeyError"], [], 2),
+    ("zero-fragment-map-disagrees", zero_fragment_map_disagrees,
+     ["config error: DeepSpeed's fp32 partition does not hold 'layers.0.mlp.up_proj.weight'",
+      "round_robin_gradients must be false"], ["Traceback"], 2),
     ("pretrained-weights-truncated", truncated_pretrained_weights,
      ["config error: model.pretrained: cannot load", "truncated-model'"], [], 2),
     ("metrics-log-is-a-directory", metrics_log_is_a_directory,

@@ -28,11 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowmem.errors import ConfigError
 from lowmem.optim.pipeline import PipelineOptimizer
 
 
-class ZeroConfigError(ValueError):
-    """DeepSpeed's setup cannot run lowmem's optimizer correctly."""
+class ZeroConfigError(ConfigError):
+    """DeepSpeed's setup cannot run lowmem's optimizer correctly: a config error, reported as one line (exit 2).
+    A fault of the gathered fragment table is met by every rank alike (rank 0 reports it); one a rank found in
+    its own fragments is rank_local."""
 
 
 @dataclass
@@ -171,8 +174,10 @@ class ZeroShardedOptimizer(torch.optim.Optimizer):
                 continue
             lp = p.detach().reshape(-1).narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
             if not torch.equal(lp.float(), mapping.hp_fragment.detach().float().to(lp.device)):
-                raise ZeroConfigError(f"DeepSpeed's fp32 partition does not hold '{name}' where its fragment map "
-                                      f"says (round_robin_gradients must be false)")
+                error = ZeroConfigError(f"DeepSpeed's fp32 partition does not hold '{name}' where its fragment "
+                                        f"map says (round_robin_gradients must be false)")
+                error.rank_local = True  # this rank's own fragments: another rank may not meet it
+                raise error
 
     # -----------------------------------------------------------------------------------------------------
     # Stepping
