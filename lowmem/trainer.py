@@ -28,8 +28,7 @@ from lowmem.distributed.runtime import RUNTIMES
 from lowmem.errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
 from lowmem.memory import format_memory_table, format_rank_table, memory_report, state_versus_adamw, zero_formula
 from lowmem.metrics import MetricsLog
-from lowmem.model import (PRECISION_DTYPES, build_meta_model, build_model, count_parameters, prepare_for_training,
-                          weight_dtype)
+from lowmem.model import build_meta_model, build_model, count_parameters, prepare_for_training, weight_dtype
 from lowmem.optim import build_optimizer
 from lowmem.optim.groups import check_options_against_model
 from lowmem.optim.in_backward import UpdateInBackward
@@ -38,9 +37,6 @@ from lowmem.schedule import build_scheduler
 from lowmem.tokenizer import build_tokenizer, holds_tokenizer, load_saved_tokenizer
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted"]
-
-PARAM_DTYPES = PRECISION_DTYPES  # the weight dtype of each train.precision (model.dtype may override it)
-
 
 # Keys a resumed run may change; any other difference from the checkpoint's config is refused. The run's name
 # and directory say where it is, not what it trains: a copied run directory resumes under its new name.

@@ -7,7 +7,7 @@ import torch
 galore_torch = pytest.importorskip("galore_torch")
 
 from lowmem.optim.presets import GaloreOptions  # noqa: E402
-from lowmem.optim.pipeline import PipelineOptimizer as ProjectedAdam  # noqa: E402
+from lowmem.optim.pipeline import PipelineOptimizer  # noqa: E402
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -18,7 +18,7 @@ def test_matches_galore_adamw(weight_decay):
     ours = [torch.nn.Parameter(w.clone()) for w in start]
     theirs = [torch.nn.Parameter(w.clone()) for w in start]
     rank, gap, scale, lr = 4, 3, 0.25, 0.01
-    opt = ProjectedAdam([{"params": ours[:3], "projected": True}, {"params": ours[3:]}],
+    opt = PipelineOptimizer([{"params": ours[:3], "projected": True}, {"params": ours[3:]}],
                         GaloreOptions(rank=rank, update_gap=gap, scale=scale, lr=lr, weight_decay=weight_decay))
     ref = galore_torch.GaLoreAdamW([{"params": theirs[3:]},
                                     {"params": theirs[:3], "rank": rank, "update_proj_gap": gap, "scale": scale,

@@ -12,7 +12,7 @@ import torch
 from lowmem.config import ConfigError
 from lowmem.optim import build_optimizer, optimizer_state_bytes
 from lowmem.optim.presets import FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
-from lowmem.optim.pipeline import PipelineOptimizer as ProjectedAdam
+from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.registry import parse_optimizer_options
 
 SHAPES = [(10, 6), (6, 10), (8, 8)]
@@ -32,7 +32,7 @@ def run_ours(options, weights, grads, dense=None, dense_grads=None):
     groups = [{"params": params, "projected": True}]
     if dense is not None:
         groups.append({"params": [dense]})
-    opt = ProjectedAdam(groups, options)
+    opt = PipelineOptimizer(groups, options)
     for t, step_grads in enumerate(grads):
         for p, gr in zip(params, step_grads):
             p.grad = gr.clone()
@@ -190,7 +190,7 @@ def test_frugal_blocks_match_reference(wd, scale, inactive, order):
     weights, grads = fixed_problem(shapes=[(6, 4), (5, 7), (4, 4), (3, 6)])
     lr, eps = 0.01, 1e-8
     params = [torch.nn.Parameter(w.clone()) for w in weights]
-    opt = ProjectedAdam([{"params": params, "projected": True}],
+    opt = PipelineOptimizer([{"params": params, "projected": True}],
                         FrugalOptions(update_gap=GAP, lr=lr, weight_decay=wd, density=0.5, scale=scale,
                                       inactive_lr_scale=inactive, block_order=order,
                                       moments_on_refresh="keep"))  # FRUGAL resets at a refresh regardless
@@ -291,7 +291,7 @@ def test_rotate_preserves_back_projected_momentum_at_full_rank():
     """With r = b the basis is orthogonal, so rotating M by C = P_new^T P_old keeps P M unchanged."""
     weights, grads = fixed_problem(shapes=[(8, 5)], steps=GAP + 1)
     params = [torch.nn.Parameter(weights[0].clone())]
-    opt = ProjectedAdam([{"params": params, "projected": True}],
+    opt = PipelineOptimizer([{"params": params, "projected": True}],
                         GaloreOptions(rank=5, update_gap=GAP, moments_on_refresh="rotate"))
     state = opt.state[params[0]]
     for t in range(GAP):
@@ -354,7 +354,7 @@ def _feed(mats, vec, step):
 def test_checkpoint_resume_is_bit_exact_and_weights_only(options):
     k, total = 3, 6  # refreshes at updates 0, 2, 4: one before and one after the save
     mats, vec = _model_params()
-    opt = ProjectedAdam(_groups(mats, vec), options)
+    opt = PipelineOptimizer(_groups(mats, vec), options)
     for step in range(total):
         if step == k:
             buffer = io.BytesIO()
@@ -367,7 +367,7 @@ def test_checkpoint_resume_is_bit_exact_and_weights_only(options):
     with torch.no_grad():
         for p, value in zip(mats2 + [vec2], saved["params"]):
             p.copy_(value)
-    resumed = ProjectedAdam(_groups(mats2, vec2), options)
+    resumed = PipelineOptimizer(_groups(mats2, vec2), options)
     resumed.load_state_dict(saved["opt"])
     for step in range(k, total):
         _feed(mats2, vec2, step)
@@ -383,7 +383,7 @@ def test_state_bytes_formula_matches_held_bytes(options, shape):
     g = torch.Generator().manual_seed(0)
     mats = [torch.nn.Parameter(torch.randn(shape, generator=g)) for _ in range(3)]
     vec = torch.nn.Parameter(torch.randn(4, generator=g))
-    opt = ProjectedAdam(_groups(mats, vec), options)
+    opt = PipelineOptimizer(_groups(mats, vec), options)
     assert opt.expected_state_bytes() == optimizer_state_bytes(opt) == 0
     for step in range(3):
         _feed(mats, vec, step)
@@ -393,7 +393,7 @@ def test_state_bytes_formula_matches_held_bytes(options, shape):
 
 def test_seeded_random_projector_stores_no_matrix():
     mats, vec = _model_params()
-    opt = ProjectedAdam(_groups(mats, vec), GaloreOptions(rank=3, projector="random"))
+    opt = PipelineOptimizer(_groups(mats, vec), GaloreOptions(rank=3, projector="random"))
     _feed(mats, vec, 0)
     opt.step()
     state = opt.state[mats[0]]
@@ -404,7 +404,7 @@ def test_seeded_random_projector_stores_no_matrix():
 
 def test_bf16_weights_keep_fp32_states_through_a_checkpoint():
     mats = [torch.nn.Parameter(torch.randn(8, 6, dtype=torch.bfloat16))]
-    opt = ProjectedAdam([{"params": mats, "projected": True}], FiraOptions(rank=2, state_dtype="fp32"))
+    opt = PipelineOptimizer([{"params": mats, "projected": True}], FiraOptions(rank=2, state_dtype="fp32"))
     for _ in range(2):
         mats[0].grad = torch.randn(8, 6, dtype=torch.bfloat16)
         opt.step()
@@ -415,7 +415,7 @@ def test_bf16_weights_keep_fp32_states_through_a_checkpoint():
 
 def test_stagger_spreads_refreshes():
     mats = [torch.nn.Parameter(torch.randn(6, 6)) for _ in range(4)]
-    opt = ProjectedAdam([{"params": mats, "projected": True}], GaloreOptions(rank=2, update_gap=4, stagger=True))
+    opt = PipelineOptimizer([{"params": mats, "projected": True}], GaloreOptions(rank=2, update_gap=4, stagger=True))
     refreshed_at = {i: [] for i in range(4)}
     for step in range(8):
         before = [opt.state[p].get("refreshes", 0) for p in mats]
@@ -459,7 +459,7 @@ def test_svd_double_failure_uses_randomized_fallback_without_touching_global_rng
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
     p = torch.nn.Parameter(torch.randn(20, 12, generator=g))
-    opt = ProjectedAdam([{"params": [p], "projected": True, "names": ["layers.0.mlp.up_proj.weight"]}],
+    opt = PipelineOptimizer([{"params": [p], "projected": True, "names": ["layers.0.mlp.up_proj.weight"]}],
                         GaloreOptions(rank=2))
     p.grad = grad.clone()
     with pytest.warns(RuntimeWarning, match=r"layers\.0\.mlp\.up_proj\.weight.*randomized SVD"):
@@ -477,7 +477,7 @@ def test_svd_double_failure_uses_randomized_fallback_without_touching_global_rng
 
 def test_svd_errors_other_than_linalg_propagate_and_nonfinite_gradients_are_named(monkeypatch):
     p = torch.nn.Parameter(torch.randn(6, 4))
-    opt = ProjectedAdam([{"params": [p], "projected": True, "names": ["blocks.3.attn.q.weight"]}],
+    opt = PipelineOptimizer([{"params": [p], "projected": True, "names": ["blocks.3.attn.q.weight"]}],
                         GaloreOptions(rank=2))
     p.grad = torch.randn(6, 4)
     p.grad[1, 2] = float("nan")
@@ -511,7 +511,8 @@ def test_frugal_blocks_active_set_is_shared_when_a_weight_misses_a_gradient(skip
     gap, updates = 2, 10
     mats = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(4)]
     frozen = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
-    opt = ProjectedAdam([{"params": [frozen] + mats, "projected": True}], FrugalOptions(update_gap=gap, density=0.5))
+    opt = PipelineOptimizer([{"params": [frozen] + mats, "projected": True}],
+                            FrugalOptions(update_gap=gap, density=0.5))
     history = []
     for t in range(updates):
         for i, m in enumerate(mats):
@@ -557,7 +558,7 @@ def test_osd_follows_the_lr_schedule_factor():
     weights, grads = fixed_problem(shapes=[(10, 6), (6, 10)])
     lrs = [0.01 * f for f in (1.0, 0.5, 0.25, 0.8, 0.1, 0.6, 0.3)]
     params = [torch.nn.Parameter(w.clone()) for w in weights]
-    opt = ProjectedAdam([{"params": params, "projected": True}], OSDOptions(rank=RANK, update_gap=GAP, lr=0.01))
+    opt = PipelineOptimizer([{"params": params, "projected": True}], OSDOptions(rank=RANK, update_gap=GAP, lr=0.01))
     for t, step in enumerate(grads):
         for group in opt.param_groups:
             group["lr"] = lrs[t]
@@ -580,7 +581,7 @@ def test_bf16_weights_track_an_fp32_run(options):
     grads = [[g.to(torch.bfloat16).float() for g in step] for step in grads]
     ref, _ = run_ours(options, weights, grads)
     params = [torch.nn.Parameter(w.to(torch.bfloat16)) for w in weights]
-    opt = ProjectedAdam([{"params": params, "projected": True}], options)
+    opt = PipelineOptimizer([{"params": params, "projected": True}], options)
     for step in grads:
         for p, g in zip(params, step):
             p.grad = g.to(torch.bfloat16)
@@ -595,7 +596,7 @@ def test_bf16_weights_track_an_fp32_run(options):
 def test_float64_weights_are_refused_not_downcast():
     p = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"\(shape 6x4\) is float64"):
-        ProjectedAdam([{"params": [p], "projected": True}], GaloreOptions(rank=2))
+        PipelineOptimizer([{"params": [p], "projected": True}], GaloreOptions(rank=2))
 
 
 def test_random_projector_draws_one_basis_per_update(monkeypatch):
@@ -639,7 +640,7 @@ def test_params_without_grad_and_1d_params_in_a_projected_group():
     mat, vec, frozen = (torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4)),
                         torch.nn.Parameter(torch.randn(5, 5)))
     frozen_before = frozen.detach().clone()
-    opt = ProjectedAdam([{"params": [mat, vec, frozen], "projected": True}], GaloreOptions(rank=2))
+    opt = PipelineOptimizer([{"params": [mat, vec, frozen], "projected": True}], GaloreOptions(rank=2))
     mat.grad, vec.grad = torch.randn(6, 4), torch.randn(4)
     opt.step()
     assert torch.equal(frozen, frozen_before) and len(opt.state[frozen]) == 0
@@ -660,7 +661,7 @@ def test_rank_too_big_names_key_weight_and_shape():
     with pytest.raises(ConfigError, match=r"optimizer\.rank: 40 exceeds .*self_attn\.q_proj\.weight \(shape 32x32\)"):
         build_optimizer(model, GaloreOptions(rank=40))
     with pytest.raises(ValueError, match="rank 40 exceeds"):
-        ProjectedAdam([{"params": [torch.nn.Parameter(torch.randn(32, 32))], "projected": True}],
+        PipelineOptimizer([{"params": [torch.nn.Parameter(torch.randn(32, 32))], "projected": True}],
                       GaloreOptions(rank=40))
 
 

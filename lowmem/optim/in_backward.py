@@ -26,7 +26,7 @@ class UpdateInBackward:
 
     def arm(self, enabled: bool) -> None:
         """True before the backward of the last micro-batch of a window, False before the others.
-        Arming starts an optimizer update (ProjectedAdam.begin_update: the shared update index)."""
+        Arming starts an optimizer update (PipelineOptimizer.begin_update: the shared update index)."""
         self.armed = enabled
         if enabled:
             self.non_finite = None

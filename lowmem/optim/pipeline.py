@@ -481,6 +481,3 @@ def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     for name, value in b.items():
         out[name] = out.get(name, 0) + value
     return out
-
-
-ProjectedAdam = PipelineOptimizer  # the name before the pipeline had cores and storages

@@ -202,6 +202,3 @@ class PipelineOptions(OptimizerOptions):
         if self.rank is not None:
             return self.rank
         return max(1, round(self.density * min(shape)))
-
-
-ProjectionOptions = PipelineOptions  # the name before the pipeline had cores and storages

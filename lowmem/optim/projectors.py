@@ -177,7 +177,9 @@ class SVDProjector(Projector):
 
 
 class RandomizedSVDProjector(Projector):
-    """As SVD, by `torch.svd_lowrank` (cheaper when r << b)."""
+    """As SVD, by randomized SVD (`randomized_singular_basis`: a Gaussian sketch of r + RSVD_OVERSAMPLE
+    columns, RSVD_ITERATIONS power iterations and an eigendecomposition of the small Gram matrix, with no
+    LAPACK SVD), seeded from the refresh key; cheaper when r << b."""
 
     def choose_basis(self, grad, rank, key, label):
         check_finite(grad, label)
