@@ -215,6 +215,7 @@ def deepspeed_worker(rank: int, world: int, port: int, argv: list[str], env: dic
     sys.exit(cli.main(argv))  # leaves with os._exit on several ranks
 
 
+@pytest.mark.distributed
 def test_a_deepspeed_run_records_the_settings_deepspeed_trained_with(tmp_path, corpus):
     """Two ranks under accelerate's DeepSpeed flags and an agreeing JSON given by --deepspeed_config_file: the
     recorded config names the backend, stage, file, precision and clipping DeepSpeed was handed."""

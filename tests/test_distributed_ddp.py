@@ -10,6 +10,9 @@ from lowmem.config import ConfigError
 from lowmem.distributed.gradient_sync import check_projected_sync
 from lowmem.optim.registry import parse_optimizer_options
 
+# Ranks spawned as processes (python -m pytest -m 'not distributed' leaves them out).
+pytestmark = pytest.mark.distributed
+
 UPDATES = 5
 
 

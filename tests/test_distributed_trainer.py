@@ -18,6 +18,9 @@ from dist_harness import free_port, set_rank_env, spawn
 from lowmem.checkpoint import latest_checkpoint
 from lowmem.metrics import read_metrics
 
+# Ranks spawned as processes (python -m pytest -m 'not distributed' leaves them out).
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,6 +123,7 @@ def torchrun(tmp_path, script_args, world=2, timeout=240):
     return done, time.monotonic() - start
 
 
+@pytest.mark.subprocess
 def test_a_rank_that_fails_ends_every_rank_with_its_cause(tmp_path, corpus):
     build_tiny_config(tmp_path, corpus, *BASE, "distributed.backend=ddp", "distributed.timeout_s=120")
     script = tmp_path / "failing.py"
@@ -131,6 +135,7 @@ def test_a_rank_that_fails_ends_every_rank_with_its_cause(tmp_path, corpus):
     assert seconds < 100  # ended by the failure, not by the 120 s collective timeout
 
 
+@pytest.mark.subprocess
 def test_train_py_under_torchrun(tmp_path, corpus):
     build_tiny_config(tmp_path, corpus, *BASE)
     done, _ = torchrun(tmp_path, [str(ROOT / "train.py"), str(tmp_path / "config.yaml"), *BASE,
@@ -230,6 +235,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.subprocess
 def test_a_fault_on_two_ranks_is_printed_once_on_one_line(tmp_path, corpus):
     build_tiny_config(tmp_path, corpus, *BASE)
     args = [str(tmp_path / "config.yaml"), *BASE, "distributed.backend=ddp", "distributed.timeout_s=120"]

@@ -11,6 +11,9 @@ import torch
 from dist_harness import MICRO_PER_UPDATE, Net, finish_rank, init_rank, micro_batch, rank_batches, reference, spawn
 from lowmem.optim import OPTIMIZERS
 
+# Ranks spawned as processes (python -m pytest -m 'not distributed' leaves them out).
+pytestmark = pytest.mark.distributed
+
 UPDATES = 3
 
 

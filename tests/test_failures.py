@@ -419,6 +419,7 @@ def test_export_faults_end_in_a_line_and_exports_are_readable_by_the_group(tmp_p
         os.umask(previous)
 
 
+@pytest.mark.subprocess
 def test_prepare_script_faults_end_in_a_line(tmp_path, corpus):
     config = write_tiny_config(tmp_path, corpus)
     done = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--config", str(config), "--out",

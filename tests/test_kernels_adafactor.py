@@ -13,6 +13,9 @@ from lowmem.optim.cores import CoreContext
 from lowmem.optim.presets import AdafactorOptions
 from lowmem.optim.storage import StoragePolicy
 
+# Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
+pytestmark = pytest.mark.interpreter
+
 
 def tolerance(moment_dtype, reference):
     """A bf16 first moment cancels: a rounding difference carried from an earlier step keeps that step's scale."""

@@ -18,6 +18,9 @@ from lowmem.optim import quantization as q
 from lowmem.optim.cores import FIRST, SECOND
 from lowmem.optim.storage import BF16, FP32, QuantizedStorage, StoragePolicy
 
+# Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
+pytestmark = pytest.mark.interpreter
+
 STORAGES = {"fp32": FP32, "bf16": BF16, "int8": QuantizedStorage("int8"), "int4": QuantizedStorage("int4")}
 SHAPE = (61, 83)  # 5,063 elements: no multiple of any block, 2-3 programs per launch
 BETAS = (0.9, 0.999)

@@ -36,6 +36,7 @@ def test_unknown_backend():
         dispatch.resolve_backend("trition", "cpu")
 
 
+@pytest.mark.subprocess
 def test_lowmem_works_where_triton_cannot_be_imported():
     """The reference path runs, auto resolves to it, and a kernel launch says why it cannot run."""
     import subprocess

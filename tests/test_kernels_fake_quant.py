@@ -8,6 +8,9 @@ from lowmem.config import QuantConfig
 from lowmem.kernels import fake_quant as fused
 from lowmem.quant_linear import FakeQuantLinear
 
+# Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
+pytestmark = pytest.mark.interpreter
+
 REFERENCES = {
     ("weight", "int4"): lambda x, gs, keep: ref.int4_weight(x, gs),
     ("activation", "int4"): ref.int4_activation,

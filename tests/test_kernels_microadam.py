@@ -15,6 +15,9 @@ import torch
 from lowmem.kernels import microadam as km
 from lowmem.optim.microadam import ef_dequantize, ef_quantize, window_width
 
+# Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
+pytestmark = pytest.mark.interpreter
+
 BETAS = (0.9, 0.999)
 
 

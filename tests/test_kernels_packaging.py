@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Builds a wheel and probes imports in Python subprocesses.
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 BNB_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 

@@ -14,6 +14,9 @@ from lowmem.optim.presets import (AdafactorOptions, AdamW4bitOptions, AdamW8bitO
                                    GaloreOptions, MicroAdamOptions, SpamOptions, StableSpamOptions)
 from lowmem.optim.registry import parse_optimizer_options
 
+# Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
+pytestmark = pytest.mark.interpreter
+
 
 def make_params(dtype=torch.float32):
     """Two projected matrices (wide and tall: 32 x 160 cores of 5,120 elements, so int8 / int4 cores are

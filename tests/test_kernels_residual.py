@@ -12,6 +12,9 @@ from lowmem.kernels import residual as kr
 from lowmem.optim.projectors import canonical
 from lowmem.optim.residuals import RESIDUALS
 
+# Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
+pytestmark = pytest.mark.interpreter
+
 RANK = 8
 
 

@@ -32,6 +32,7 @@ def assert_quiet(run: subprocess.CompletedProcess) -> None:
         assert words not in run.stdout + run.stderr, f"{words!r} printed:\n{run.stdout}\n{run.stderr}"
 
 
+@pytest.mark.subprocess
 def test_a_plain_run_with_checkpoints_prints_no_library_noise(tmp_path, corpus):
     run = run_train(str(write_tiny_config(tmp_path, corpus)), "train.max_steps=4", "checkpoint.every=2")
     assert_quiet(run)
@@ -40,6 +41,7 @@ def test_a_plain_run_with_checkpoints_prints_no_library_noise(tmp_path, corpus):
     assert (tmp_path / "runs" / "t" / "checkpoints" / "step_00000004" / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.subprocess
 def test_lora_and_bitsandbytes_runs_print_no_library_noise(tmp_path, tiny_finetune):
     """peft imports bitsandbytes (whose CPU backend warns about a hub kernel lowmem never runs) and reads a
     deprecated transformers alias; bnb_adamw8bit imports bitsandbytes itself."""

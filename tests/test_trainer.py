@@ -392,6 +392,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, corpus, capsys, m
     assert list_checkpoints(tmp_path / "runs" / "t") == []
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_train_py_stops_cleanly_on_a_signal_and_resumes_from_its_checkpoint(tmp_path, corpus, signum):
     config = write_tiny_config(tmp_path, corpus)
@@ -433,6 +434,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, corpus,
     Trainer(make_config(tmp_path, corpus, "train.max_steps=2", "checkpoint.resume=auto")).close()  # free again
 
 
+@pytest.mark.subprocess
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, corpus, make_config):
     config = make_config(tmp_path, corpus, "train.max_steps=2", "checkpoint.every=0")
     config.run_dir.mkdir(parents=True)
