@@ -23,7 +23,11 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu x
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def write_corpus(root):
+    """The tiny run's documents: 40 files of 120 words drawn from WORDS with a fixed seed, in `root`."""
     gen = torch.Generator().manual_seed(0)
     for i in range(40):
         idx = torch.randint(0, len(WORDS), (120,), generator=gen).tolist()
