@@ -94,8 +94,10 @@ def build_config(model: str, optimizer: str, rank: int, backend: str, extra: tup
     overrides = [f"optimizer.name={optimizer}", "train.batch_size=4",
                  f"train.global_batch_size={4 * world}", "train.grad_clip=0.0", f"distributed.backend={backend}",
                  "data.seq_len=128", *extra]
-    if optimizer != "adamw":
-        overrides += [f"optimizer.rank={rank}", "optimizer.update_gap=1000"]  # time the steps between refreshes
+    from lowmem.optim import OPTIMIZERS
+
+    if OPTIMIZERS[optimizer].options().reads("rank"):  # time the steps between refreshes
+        overrides += [f"optimizer.rank={rank}", "optimizer.update_gap=1000"]
     return load_config([ROOT / "configs" / "models" / f"{model}.yaml"], overrides)
 
 

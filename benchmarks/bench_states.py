@@ -35,7 +35,7 @@ def cases(only: set[str] | None) -> list[dict]:
         if only and name not in only:
             continue
         base = {"name": name}
-        if "rank" in OPTIMIZERS[name].options.__dataclass_fields__ and name != "frugal":
+        if OPTIMIZERS[name].options().reads("rank"):  # not blocks (frugal), not the dense presets
             base["rank"] = RANK
         dtypes = STATE_DTYPES if "state_dtype" in OPTIMIZERS[name].options.__dataclass_fields__ else (None,)
         for dtype in dtypes:

@@ -20,13 +20,14 @@ UPDATES = 3
 def small(name: str) -> dict:
     """A registered optimizer with settings that exercise it in 3 updates (refreshes, resets)."""
     tree = {"name": name}
-    fields = OPTIMIZERS[name].options.__dataclass_fields__
-    if "update_gap" in fields:
+    if OPTIMIZERS[name].options().reads("update_gap"):  # a preset with a projector
         tree["update_gap"] = 2
     if name in ("galore", "fira", "osd"):
         tree["rank"] = 4
     if name in ("spam", "stable_spam"):
-        tree.update(reset_interval=2, spam_clip_delay=1)
+        tree["reset_interval"] = 2
+    if name == "spam":  # Stable-SPAM has no spike clipping
+        tree["spam_clip_delay"] = 1
     if name == "microadam":
         tree["lr"] = 0.01
     return tree

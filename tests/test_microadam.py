@@ -122,7 +122,8 @@ def test_densified_update_moves_every_coordinate_the_sparse_one_leaves():
 
 @pytest.mark.parametrize("options, message", [
     ({"name": "microadam", "ef_alpha": 1.0}, "optimizer.ef_alpha: MicroAdam's densification fraction"),
-    ({"name": "galore", "ef_alpha": 0.1}, "optimizer.ef_alpha: applies to the microadam core"),
+    ({"name": "galore", "ef_alpha": 0.1},
+     "optimizer.ef_alpha: applies to core microadam; this optimizer's core is adam"),
 ])
 def test_bad_densification_is_refused(options, message):
     from lowmem.config import ConfigError

@@ -37,16 +37,21 @@ def _accepts(tree: dict) -> bool:
     return True
 
 
+def short_gap(tree: dict) -> dict:
+    """`tree` refreshing its projector every 2 updates where it has one (a key no part reads is refused)."""
+    return dict(tree, update_gap=2) if _accepts(tree) and parse_optimizer_options(tree).reads("update_gap") else tree
+
+
 def variants() -> list[dict]:
     """Every registered optimizer with small-model settings, in each state storage it accepts."""
     found = []
     for name, entry in sorted(OPTIMIZERS.items()):
         fields = {f.name for f in dataclasses.fields(entry.options)}
-        base = {"name": name, **({"update_gap": 2} if "update_gap" in fields else {})}
+        base = short_gap({"name": name})
         found.append(base)
         if "state_dtype" in fields:
             found += [dict(base, state_dtype=d) for d in STATE_DTYPES if _accepts(dict(base, state_dtype=d))]
-    found += [dict(tree, update_gap=2) for tree in EXTRA]
+    found += [short_gap(tree) for tree in EXTRA]
     return [tree for tree in found if _accepts(tree)]
 
 

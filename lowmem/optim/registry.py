@@ -7,7 +7,7 @@ itself in its own module, which `lowmem.optim` imports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 from torch import nn
@@ -56,6 +56,14 @@ class OptimizerOptions:
         if self.lora is not None:
             self.lora.validate()
 
+    def reads(self, key: str) -> bool:
+        """Whether this optimizer, as configured, reads option `key` (one of its fields; the pipeline: read by a
+        part it chose). Setting a key it does not read is refused (validate_given)."""
+        return key in self.__dataclass_fields__
+
+    def validate_given(self, given: Collection[str]) -> None:
+        """Refuse keys the YAML set (`given`) that the chosen configuration does not read (its parts decide)."""
+
     def validate_for_model(self, projected_shapes: dict[str, tuple[int, ...]]) -> None:
         """Check values against the shapes of the weights this optimizer will project (name -> shape)."""
 
@@ -94,6 +102,7 @@ def parse_optimizer_options(tree: dict) -> OptimizerOptions:
                           f"choose from {sorted(OPTIMIZERS)}")
     options = from_dict(OPTIMIZERS[name].options, dict(tree, name=name), "optimizer")
     options.validate()
+    options.validate_given([key for key in tree if key != "name"])  # what a preset sets is never refused
     return options
 
 
