@@ -187,6 +187,13 @@ class Config:
     def to_dict(self) -> dict:
         return to_dict(self)
 
+    def record(self) -> dict:
+        """What runs/NAME/config.yaml records: to_dict with only the optimizer keys its chosen parts read, so the
+        record loads back (a key no part reads is refused) and lists no setting that had no effect."""
+        tree = self.to_dict()
+        tree["optimizer"] = {key: value for key, value in tree["optimizer"].items() if self.optimizer.reads(key)}
+        return tree
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks

@@ -159,7 +159,7 @@ class Trainer:
             self.runtime.barrier()
 
         if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.record(), sort_keys=False))
         self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard and self.dist.is_main,
                                   resume_step=self.step if self.resume_from else None, enabled=self.dist.is_main)
 

@@ -123,6 +123,20 @@ def test_options_built_in_code_are_checked_by_what_differs_from_the_preset():
     assert not MicroAdamOptions().reads("update_gap") and not GaloreOptions().reads("no_such_key")
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_the_recorded_config_loads_back(name):
+    """runs/NAME/config.yaml (Config.record) holds only the optimizer keys its parts read: it parses again."""
+    from lowmem.config import Config
+
+    config = Config()
+    config.optimizer = parse_optimizer_options({"name": name})
+    recorded = config.record()["optimizer"]
+    assert parse_optimizer_options(recorded) == config.optimizer
+    assert set(recorded) <= set(config.to_dict()["optimizer"])
+    if name == "galore":
+        assert "rank" in recorded and "window" not in recorded
+
+
 def test_every_pipeline_option_is_common_or_declares_its_part():
     """A new option must say which part reads it (field(metadata=part(...)) or EVERY_PIPELINE)."""
     common = {f.name for f in fields(OptimizerOptions)}
