@@ -62,7 +62,7 @@ class DataSource:
     @classmethod
     def validate(cls, d: DataConfig) -> None:
         """ConfigError for a data option this source needs and lacks, or has and cannot use."""
-        if cls.required is not None and getattr(d, cls.option.removeprefix("data.")) in (None, []):
+        if cls.required is not None and getattr(d, cls.option.removeprefix("data.")) in (None, [], ()):
             raise ConfigError(f"{cls.option}: {cls.required} when data.source is '{cls.name}'")
         cls.validate_own(d)
         if d.files and not cls.reads_files:
