@@ -24,6 +24,7 @@ from lowmem.config import (ConfigError, DataConfig, TokenizerConfig, apply_overr
 from lowmem.data import (PREPARED_META, PREPARED_TOKENIZER, iter_documents, iter_eval_sequences, iter_sequences,
                          take_rows)
 from lowmem.errors import REPORTED, report
+from lowmem.sources import data_source
 from lowmem.tokenizer import build_tokenizer
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -82,8 +83,8 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, out_dir: str |
             eval_tokens: int = 10_000_000) -> dict:
     """Tokenize and pack `data_cfg`'s train split (up to `max_train_tokens`) and the first `eval_tokens`
     target tokens of its eval split into `out_dir`; returns the meta.json content."""
-    if data_cfg.source == "prepared":
-        raise ConfigError("data.source: already 'prepared'; name the corpus to prepare")
+    if data_source(data_cfg).holds_tokens:
+        raise ConfigError(f"data.source: already '{data_cfg.source}'; name the corpus to prepare")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(tokenizer_cfg, data_cfg)

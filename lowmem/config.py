@@ -26,6 +26,46 @@ def closest(word: str, choices: typing.Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def check_choice(value: Any, choices: typing.Iterable[Any], key: str) -> None:
+    """ConfigError naming `key` and the closest choice when `value` is not one of `choices`."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}{closest(str(value), map(str, choices))}")
+
+
+class Registry(dict):
+    """Classes by their `name`, for the config key `key` whose value names one. `@registry.register` adds a
+    class; `registry.lookup(name)` gives it, or a ConfigError naming the closest valid name."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def register(self, cls: type) -> type:
+        self[cls.name] = cls
+        return cls
+
+    def lookup(self, name: str) -> type:
+        check_choice(name, self, self.key)
+        return self[name]
+
+
+# Fields whose valid values are a registry's names: `field(metadata={"choices": ...})`, a function returning
+# them, called when a config is read (so a newly registered class is a valid value without editing this file).
+
+
+def _data_sources() -> list[str]:
+    from lowmem.sources import DATA_SOURCES
+
+    return list(DATA_SOURCES)
+
+
+def _instruct_formats() -> list[str]:
+    from lowmem.instruct import INSTRUCT_FORMATS
+
+    return list(INSTRUCT_FORMATS)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sections
 
@@ -93,7 +133,7 @@ class TokenizerConfig:
 class InstructConfig:
     """Instruction data (lowmem.instruct): prompt/response rows, or chat `messages` rendered with the
     tokenizer's chat template; the loss covers response (assistant) tokens only."""
-    format: Literal["prompt_response", "chat"] = "prompt_response"
+    format: str = field(default="prompt_response", metadata={"choices": _instruct_formats})  # lowmem.instruct
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
@@ -101,9 +141,10 @@ class InstructConfig:
 
 @dataclass
 class DataConfig:
-    # embedded: this interpreter's standard-library sources (no download); hub: a datasets hub name;
-    # files: local text/jsonl/parquet files or globs; prepared: a directory written by data/prepare.py.
-    source: Literal["embedded", "hub", "files", "prepared"] = "embedded"
+    # A name in lowmem.sources.DATA_SOURCES: embedded: this interpreter's standard-library sources (no
+    # download); hub: a datasets hub name; files: local text/jsonl/parquet files or globs; prepared: a
+    # directory written by data/prepare.py.
+    source: str = field(default="embedded", metadata={"choices": _data_sources})
     name: Optional[str] = None  # hub dataset name, e.g. allenai/c4
     subset: Optional[str] = None  # hub config name, e.g. en
     files: list = field(default_factory=list)  # paths or globs for source=files
@@ -229,8 +270,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{closest(str(value), map(str, args))}")
+        check_choice(value, args, key)
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -278,13 +318,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError naming the key."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key '{dotted}'{closest(str(key), names)}")
-        kwargs[key] = _convert(value, hints[key], dotted)
+        if key not in fields:
+            raise ConfigError(f"unknown key '{dotted}'{closest(str(key), fields)}")
+        if "choices" in fields[key].metadata:  # a registry's names, checked as a Literal's values would be
+            check_choice(value, fields[key].metadata["choices"](), dotted)
+            kwargs[key] = value
+        else:
+            kwargs[key] = _convert(value, hints[key], dotted)
     required = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if required:
@@ -459,9 +503,9 @@ def _validate_quant(q: QuantConfig) -> None:
     _require(q.kernels in BACKENDS, f"model.quant.kernels: unknown value '{q.kernels}'; choose from {list(BACKENDS)}")
 
 
-def _validate_instruct(config: Config) -> None:
+def _validate_instruct(config: Config, source_has_rows: bool) -> None:
     d = config.data
-    _require(d.source in ("files", "hub"),
+    _require(source_has_rows,
              f"data.instruct: instruction rows come from jsonl/parquet files or a hub dataset; data.source is "
              f"'{d.source}' (set data.source=files and data.files=[...])")
     _require(not d.streaming, "data.instruct: instruction data is read whole (map-style); set data.streaming=false")
@@ -512,27 +556,14 @@ def validate(config: Config, world_size: Optional[int] = None) -> None:
                  f"tokenizer.train_bpe.vocab_size: must be at least 260 (256 bytes + specials), "
                  f"got {config.tokenizer.train_bpe.vocab_size}")
 
-    if d.source == "hub":
-        _require(d.name is not None, "data.name: a hub dataset name is needed when data.source is 'hub'")
-    if d.source == "files":
-        _require(len(d.files) > 0, "data.files: list at least one file or glob when data.source is 'files'")
-        import glob
+    from lowmem.sources import source_class
 
-        for pattern in d.files:
-            _require(len(glob.glob(str(pattern))) > 0, f"data.files: no file matches '{pattern}'")
-    if d.files and d.source != "files":
-        raise ConfigError(f"data.files: set, but data.source is '{d.source}'; set data.source=files to read them")
-    if d.streaming and d.source not in ("hub", "files"):
-        raise ConfigError(f"data.streaming: only hub and files sources stream, data.source is '{d.source}'")
-    if d.eval_split is not None and d.source != "hub":
-        raise ConfigError(f"data.eval_split: only hub datasets have named splits (data.source is '{d.source}'); "
-                          "leave it unset to hold out data.eval_fraction of the documents")
+    source = source_class(d.source)
+    source.validate(d)
     _require(d.max_docs is None or d.max_docs >= 1, f"data.max_docs: must be at least 1, got {d.max_docs}")
     if d.instruct is not None:
-        _validate_instruct(config)
-    if d.source == "prepared":
-        _require(d.path is not None and Path(d.path).is_dir(),
-                 f"data.path: prepared data directory '{d.path}' not found")
+        _validate_instruct(config, source.instruction_rows)
+    source.validate_location(d)
     _require(d.seq_len >= 8, f"data.seq_len: must be at least 8, got {d.seq_len}")
     _require(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
 

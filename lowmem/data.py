@@ -14,14 +14,8 @@ its `state_dict`).
 from __future__ import annotations
 
 import abc
-import contextlib
-import glob
-import json
 import logging
-import os
-import sysconfig
 import zlib
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import datasets
@@ -31,11 +25,13 @@ from datasets.distributed import split_dataset_by_node
 
 from lowmem.config import DataConfig
 from lowmem.errors import DataError
+# Each source's own reading lives in lowmem.sources; these names are imported from here too.
+from lowmem.sources import (PREPARED_META, PREPARED_TOKENIZER, data_source, document_text, embedded_paths,  # noqa: F401
+                            file_format, load_prepared_blocks, load_source, naming_source, prepared_tokenizer_dir,
+                            read_prepared_meta, resolve_files, source_names)
 
 Split = Literal["train", "eval"]
 TOKENIZE_CHUNK_DOCS = 512  # documents per tokenizer call: large enough for the fast tokenizer's threads
-PREPARED_META = "meta.json"
-PREPARED_TOKENIZER = "tokenizer"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -47,188 +43,20 @@ def is_held_out(text: str, eval_fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8")) < eval_fraction * 2**32
 
 
-def embedded_paths() -> list[Path]:
-    """This interpreter's standard-library `.py` files (site-packages excluded), in a stable sorted order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages"))
-        paths += [Path(directory) / f for f in files if f.endswith(".py")]
-    return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _iter_embedded() -> Iterator[str]:
-    for path in embedded_paths():
-        yield path.read_bytes().decode("utf-8", errors="replace")
-
-
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def file_format(name: str) -> str:
-    """The loader for a file name: json, parquet, or text for anything else (code, prose)."""
-    for suffix in COMPRESSION_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return FORMAT_BY_SUFFIX.get(Path(name).suffix.lower(), "text")
-
-
-def resolve_files(cfg: DataConfig) -> tuple[list[str], str]:
-    """The sorted files matched by `cfg.files` and their `datasets` loader (text, json or parquet)."""
-    files: list[str] = []
-    for pattern in cfg.files:
-        matches = sorted(glob.glob(str(pattern)))
-        if not matches:
-            raise DataError(f"data.files: no file matches '{pattern}'")
-        folders = [m for m in matches if os.path.isdir(m)]
-        if folders:
-            origin = f" (from '{pattern}')" if str(pattern) != folders[0] else ""
-            raise DataError(f"data.files: '{folders[0]}'{origin} is a directory, not a file; list the files in "
-                            f"it, e.g. '{os.path.join(folders[0], '*.txt')}'")
-        files += [m for m in matches if m not in files]
-    if cfg.format != "auto":
-        return files, cfg.format
-    formats = {file_format(name) for name in files}
-    if len(formats) > 1:
-        raise DataError(f"data.files: mixed formats {sorted(formats)} in {files}; list one format, "
-                        f"or set data.format")
-    return files, formats.pop()
-
-
-def describe_source(cfg: DataConfig) -> str:
-    if cfg.source == "hub":
-        return f"data.name '{cfg.name}' (subset {cfg.subset})"
-    files, loader = resolve_files(cfg)
-    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return f"data.files [{shown}] read as {loader}"
-
-
-@contextlib.contextmanager
-def naming_source(cfg: DataConfig) -> Iterator[None]:
-    """Adds the source to the loaders' errors, which do not say which files or option were at fault (and
-    streaming datasets raise them only while iterating)."""
-    try:
-        yield
-    except DataError:
-        raise
-    except Exception as err:
-        cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
-        if isinstance(cause, UnicodeDecodeError):
-            where = first_undecodable_file(cfg) or describe_source(cfg)
-            raise DataError(f"data.files: {where} is not UTF-8 text, so it cannot be read as "
-                            f"{resolve_files(cfg)[1]}; remove that file from data.files (a binary file is no "
-                            f"training text)") from err
-        raise DataError(f"cannot read {describe_source(cfg)}: {type(cause).__name__}: {cause}") from err
-
-
-def first_undecodable_file(cfg: DataConfig) -> str | None:
-    """The first file of a files source that is not UTF-8 ("'a.txt' (byte 1204)"), or None; read again, on
-    this error path only, since `datasets` does not say which file failed."""
-    if cfg.source != "files":
-        return None
-    import codecs
-
-    import fsspec
-
-    for file in resolve_files(cfg)[0]:
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with fsspec.open(file, "rb", compression="infer") as f:
-            try:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    decoder.decode(chunk)
-                    offset += len(chunk)
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError as err:
-                return f"'{file}' (byte {offset + err.start})"
-    return None
-
-
-def load_source(cfg: DataConfig, split_name: str) -> datasets.Dataset | datasets.IterableDataset:
-    """The raw `datasets` dataset of a hub or files source (streaming when `cfg.streaming`)."""
-    if cfg.source == "hub":
-        with naming_source(cfg):
-            return datasets.load_dataset(cfg.name, cfg.subset, split=split_name, streaming=cfg.streaming)
-    if cfg.source != "files":
-        raise DataError(f"data.source '{cfg.source}' is not a datasets source")
-    files, loader = resolve_files(cfg)
-    options = {"sample_by": "document"} if loader == "text" else {}  # a text file is one document
-    with naming_source(cfg):
-        return datasets.load_dataset(loader, data_files=files, split="train", streaming=cfg.streaming, **options)
-
-
-def document_text(example: dict, cfg: DataConfig, row: int | None = None) -> str:
-    """The text of one example; DataError naming the file and row when it has none (`row`: its 0-based
-    position in the dataset, when known)."""
-    if cfg.text_field not in example:
-        raise DataError(f"data.text_field: no column '{cfg.text_field}' in {describe_source(cfg)} "
-                        f"(columns: {sorted(example)})")
-    text = example[cfg.text_field]
-    if not isinstance(text, str):  # a row lacking the field (datasets fills in None) or holding a number, list...
-        where = first_bad_row(cfg) or (f"row {row + 1} of {describe_source(cfg)}" if row is not None
-                                       else f"a row of {describe_source(cfg)}")
-        shown = "null" if text is None else f"{type(text).__name__} {str(text)[:40]!r}"
-        raise DataError(f"data.text_field: {where} has no text in '{cfg.text_field}' (found {shown}); fix or "
-                        f"remove that row, or set data.text_field to the column that holds the text")
-    return text
-
-
-def first_bad_row(cfg: DataConfig) -> str | None:
-    """Where, in file order, the first row of a files source without a string text field is ("line 3 of
-    'a.jsonl'"), or None when it cannot be told. `datasets` does not say which file an example came from, so
-    the files are read again, once, on this error path only."""
-    if cfg.source != "files":
-        return None
-    import fsspec
-
-    files, loader = resolve_files(cfg)
-    for file in files:
-        if loader == "json":
-            with fsspec.open(file, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError:
-                        return None  # not JSON lines (one JSON document): no row numbers to give
-                    if not isinstance(row, dict) or not isinstance(row.get(cfg.text_field), str):
-                        return f"line {number} of '{file}'"
-        elif loader == "parquet":
-            import pyarrow.parquet as pq
-
-            number = 0
-            for batch in pq.ParquetFile(file).iter_batches(columns=[cfg.text_field]):
-                for value in batch.column(0).to_pylist():
-                    number += 1
-                    if not isinstance(value, str):
-                        return f"row {number} of '{file}'"
-    return None
-
-
-def _iter_source(cfg: DataConfig, split_name: str) -> Iterator[str]:
-    if cfg.source == "embedded":
-        yield from _iter_embedded()
-    elif cfg.source == "prepared":
-        raise DataError(f"data.source 'prepared': {cfg.path} holds token ids, not documents")
-    else:
-        with naming_source(cfg):
-            for row, example in enumerate(load_source(cfg, split_name)):
-                yield document_text(example, cfg, row)
-
-
 def iter_documents(cfg: DataConfig, split: Split) -> Iterator[str]:
     """The non-empty text documents of a split, in source order.
 
     The eval split is `cfg.eval_split` when set, else the documents picked by `is_held_out`, which the
     train split then never yields. `cfg.max_docs` caps the train split only.
     """
-    if cfg.eval_split is not None and cfg.source != "hub":
-        raise DataError("data.eval_split: only hub datasets have named splits; leave it unset to hold out "
-                        "data.eval_fraction of the documents")
+    source = data_source(cfg)
+    if cfg.eval_split is not None and not source.named_splits:
+        raise DataError(f"data.eval_split: only {source_names('named_splits')} datasets have named splits; leave it "
+                        "unset to hold out data.eval_fraction of the documents")
     named_eval = cfg.eval_split is not None
     split_name = cfg.eval_split if (split == "eval" and named_eval) else cfg.split
     count = 0
-    for text in _iter_source(cfg, split_name):
+    for text in source.documents(split_name):
         if not text.strip():
             continue
         if not named_eval and is_held_out(text, cfg.eval_fraction) != (split == "eval"):
@@ -330,56 +158,21 @@ def iter_sequences(cfg: DataConfig, tokenizer, documents: Iterable[str],
     yield builder.take_all(pad_tail=pad_tail)
 
 
+def iter_split_sequences(cfg: DataConfig, tokenizer, split: Split) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(ids, lengths) row blocks of a split: a token-row source's own, else its documents tokenized (the eval
+    split's packed tail padded, the train split's dropped)."""
+    source = data_source(cfg)
+    if source.holds_tokens:
+        return source.token_blocks(tokenizer, split)
+    return iter_sequences(cfg, tokenizer, iter_documents(cfg, split), pad_tail=split == "eval")
+
+
 def make_batch(ids: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
     input_ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
     labels = input_ids.clone()
     positions = torch.arange(input_ids.shape[1])
     labels[positions[None, :] >= torch.from_numpy(np.asarray(lengths, dtype=np.int64))[:, None]] = -100
     return {"input_ids": input_ids, "labels": labels}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prepared directories (written by data/prepare.py)
-
-
-def prepared_tokenizer_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.path) / PREPARED_TOKENIZER
-
-
-def read_prepared_meta(cfg: DataConfig, tokenizer) -> dict[str, Any]:
-    """The prepared directory's meta.json, checked against the config and the tokenizer."""
-    meta_path = Path(cfg.path) / PREPARED_META
-    if not meta_path.is_file():
-        raise DataError(f"data.path: '{cfg.path}' has no {PREPARED_META}; write it with data/prepare.py")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"data.path: {meta_path} cannot be read ({err})") from err
-    for key in ("seq_len", "packing"):
-        if meta[key] != getattr(cfg, key):
-            raise DataError(f"data.{key}: {getattr(cfg, key)} but the prepared data in '{cfg.path}' "
-                            f"was made with {key}={meta[key]}")
-    found = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-             "pad_token_id": tokenizer.pad_token_id}
-    for key, value in found.items():
-        if meta[key] != value:
-            raise DataError(f"tokenizer: {key}={value} but the prepared data in '{cfg.path}' has {meta[key]}; "
-                            f"use the tokenizer saved in {prepared_tokenizer_dir(cfg)}")
-    return meta
-
-
-def load_prepared_blocks(cfg: DataConfig, tokenizer, split: Split) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (ids, lengths) shards of a prepared split, memory-mapped."""
-    meta = read_prepared_meta(cfg, tokenizer)
-    blocks = []
-    for shard in meta["splits"][split]["shards"]:
-        try:
-            blocks.append((np.load(Path(cfg.path) / shard["ids"], mmap_mode="r"),
-                           np.load(Path(cfg.path) / shard["lengths"], mmap_mode="r")))
-        except (OSError, ValueError) as err:  # a missing or damaged shard
-            raise DataError(f"data.path: a shard of the prepared data in '{cfg.path}' cannot be read "
-                            f"({err})") from err
-    return blocks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -570,7 +363,7 @@ class StreamingBatches(TrainBatches):
             self.epoch += 1
             self.generator.manual_seed(self.seed + self.epoch)
             self.epoch_read, self._examples, self._dataset_state = False, None, None
-        raise DataError(f"no training documents in {describe_source(self.cfg)}")
+        raise DataError(f"no training documents in {data_source(self.cfg).describe()}")
 
     def __next__(self) -> dict[str, torch.Tensor]:
         while self.builder.num_ready() < self.batch_size:
@@ -603,12 +396,9 @@ def build_train_batches(cfg: DataConfig, tokenizer, batch_size: int, seed: int, 
         from lowmem.instruct import InstructBatches
 
         return InstructBatches.build(cfg, tokenizer, batch_size, seed, rank, world_size)
-    if cfg.streaming and cfg.source in ("hub", "files"):
+    if cfg.streaming and data_source(cfg).streams:
         return StreamingBatches(cfg, tokenizer, batch_size, seed, rank, world_size)
-    if cfg.source == "prepared":
-        blocks = load_prepared_blocks(cfg, tokenizer, "train")
-    else:
-        blocks = list(iter_sequences(cfg, tokenizer, iter_documents(cfg, "train")))
+    blocks = list(iter_split_sequences(cfg, tokenizer, "train"))
     return MapStyleBatches(blocks, cfg.seq_len, batch_size, seed, rank, world_size)
 
 
@@ -617,22 +407,13 @@ def build_train_batches(cfg: DataConfig, tokenizer, batch_size: int, seed: int, 
 
 
 def eval_hint(cfg: DataConfig) -> str:
-    """What to change when the held-out set is empty; only hub datasets have named splits to name."""
-    if cfg.source == "hub" and cfg.eval_split is None:
-        return "raise data.eval_fraction or set data.eval_split"
-    if cfg.source == "hub":
-        return f"data.eval_split '{cfg.eval_split}' holds no text; name another split"
-    if cfg.source == "prepared":
-        return f"the prepared data in '{cfg.path}' has no eval rows; write it again with data/prepare.py --eval-tokens"
-    return "raise data.eval_fraction or add documents"
+    """What to change when the held-out set is empty (the source's own advice)."""
+    return data_source(cfg).eval_hint()
 
 
 def iter_eval_sequences(cfg: DataConfig, tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, lengths) row blocks of the eval split in a fixed order; a packed tail is padded, not dropped."""
-    if cfg.source == "prepared":
-        yield from load_prepared_blocks(cfg, tokenizer, "eval")
-    else:
-        yield from iter_sequences(cfg, tokenizer, iter_documents(cfg, "eval"), pad_tail=True)
+    yield from iter_split_sequences(cfg, tokenizer, "eval")
 
 
 def take_rows(blocks: Iterable[tuple[np.ndarray, np.ndarray]], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
 
-from lowmem.config import DataConfig, InstructConfig
-from lowmem.data import MapStyleBatches, is_held_out, load_source, resolve_files
+from lowmem.config import DataConfig, InstructConfig, Registry
+from lowmem.data import MapStyleBatches, is_held_out
 from lowmem.errors import DataError
+from lowmem.sources import data_source
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -50,50 +51,9 @@ Document = tuple[list[int], list[bool]]
 # Rows, with where each one is (for the errors)
 
 
-def _json_lines(file: str) -> Iterator[tuple[dict, str]]:
-    import fsspec
-
-    with fsspec.open(file, "rt", compression="infer", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {number} of '{file}'"
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"data.files: {where} is not a JSON object ({err}); instruction files hold one "
-                                f"JSON object per line (jsonl)") from err
-            if not isinstance(row, dict):
-                raise DataError(f"data.files: {where} is a JSON {type(row).__name__}, not an object with fields")
-            yield row, where
-
-
-def _parquet_rows(file: str) -> Iterator[tuple[dict, str]]:
-    import pyarrow.parquet as pq
-
-    number = 0
-    for batch in pq.ParquetFile(file).iter_batches():
-        for row in batch.to_pylist():
-            number += 1
-            yield row, f"row {number} of '{file}'"
-
-
-ROW_READERS: dict[str, Callable[[str], Iterator[tuple[dict, str]]]] = {"json": _json_lines,
-                                                                       "parquet": _parquet_rows}
-
-
 def iter_rows(cfg: DataConfig) -> Iterator[tuple[dict, str]]:
     """Every row of the source, in order, with a description of where it is ("line 3 of 'a.jsonl'")."""
-    if cfg.source == "hub":
-        for number, row in enumerate(load_source(cfg, cfg.split), 1):
-            yield dict(row), f"row {number} of data.name '{cfg.name}'"
-        return
-    files, loader = resolve_files(cfg)
-    if loader not in ROW_READERS:
-        raise DataError(f"data.instruct: instruction rows are read from jsonl or parquet files, but data.files "
-                        f"{files} are read as {loader}")
-    for file in files:
-        yield from ROW_READERS[loader](file)
+    return data_source(cfg).rows()
 
 
 def iter_split(cfg: DataConfig, split: str) -> Iterator[tuple[dict, str]]:
@@ -189,21 +149,54 @@ def encode_chat(row: dict, where: str, tokenizer, cfg: InstructConfig) -> Docume
     return list(encoding["input_ids"]), targets
 
 
-ENCODERS: dict[str, Callable[[dict, str, Any, InstructConfig], Document]] = {
-    "prompt_response": encode_prompt_response,
-    "chat": encode_chat,
-}
+# ---------------------------------------------------------------------------------------------------------
+# The formats
+
+
+class InstructFormat:
+    """One `data.instruct.format`: what it needs of the tokenizer, and how a row becomes a document."""
+
+    name: ClassVar[str]
+
+    def check(self, tokenizer) -> None:
+        """DataError when `tokenizer` cannot encode this format's rows."""
+
+    def encode(self, row: dict, where: str, tokenizer, cfg: InstructConfig) -> Document:
+        raise NotImplementedError
+
+
+# data.instruct.format name -> class. Adding a format is one new InstructFormat subclass with a `name`,
+# registered with `@INSTRUCT_FORMATS.register`; `INSTRUCT_FORMATS.lookup(name)` refuses an unknown name.
+INSTRUCT_FORMATS = Registry("data.instruct.format")
+
+
+@INSTRUCT_FORMATS.register
+class PromptResponseFormat(InstructFormat):
+    name = "prompt_response"
+
+    def encode(self, row: dict, where: str, tokenizer, cfg: InstructConfig) -> Document:
+        return encode_prompt_response(row, where, tokenizer, cfg)
+
+
+@INSTRUCT_FORMATS.register
+class ChatFormat(InstructFormat):
+    name = "chat"
+
+    def check(self, tokenizer) -> None:
+        check_chat_template(tokenizer)
+
+    def encode(self, row: dict, where: str, tokenizer, cfg: InstructConfig) -> Document:
+        return encode_chat(row, where, tokenizer, cfg)
 
 
 def iter_documents(cfg: DataConfig, tokenizer, split: str) -> Iterator[Document]:
     """The split's documents, truncated to `seq_len`, first token never a target; rows left without a
     target are dropped (with a warning counting them)."""
-    if cfg.instruct.format == "chat":
-        check_chat_template(tokenizer)
-    encode = ENCODERS[cfg.instruct.format]
+    instruct_format = INSTRUCT_FORMATS.lookup(cfg.instruct.format)()
+    instruct_format.check(tokenizer)
     dropped = 0
     for row, where in iter_split(cfg, split):
-        ids, targets = encode(row, where, tokenizer, cfg.instruct)
+        ids, targets = instruct_format.encode(row, where, tokenizer, cfg.instruct)
         ids, targets = ids[: cfg.seq_len], targets[: cfg.seq_len]
         if targets:
             targets[0] = False

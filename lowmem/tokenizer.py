@@ -13,8 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lowmem.config import ConfigError, BPEConfig, DataConfig, TokenizerConfig
-from lowmem.data import iter_documents, prepared_tokenizer_dir
+from lowmem.data import iter_documents
 from lowmem.errors import CheckpointError, DataError, error_summary
+from lowmem.sources import data_source
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -34,14 +35,11 @@ def build_tokenizer(cfg: TokenizerConfig, data_cfg: DataConfig,
     (its token ids are fixed in the shards); `cfg.name` (hub name or local directory); a BPE trained on the
     training documents (`cfg.train_bpe`).
     """
+    source = data_source(data_cfg)
     if saved_dir is not None and holds_tokenizer(saved_dir):
         tokenizer = load_saved_tokenizer(saved_dir)
-    elif data_cfg.source == "prepared":
-        directory = prepared_tokenizer_dir(data_cfg)
-        if not holds_tokenizer(directory):
-            raise DataError(f"data.path: '{data_cfg.path}' has no tokenizer in {directory} (its ids are fixed in "
-                            "the shards); write the directory with data/prepare.py, which saves it there")
-        tokenizer = _load(str(directory), DataError, "data.path")
+    elif (directory := source.tokenizer_dir()) is not None:  # the data's token ids are fixed to it
+        tokenizer = _load(str(directory), DataError, source.option)
     elif cfg.name is not None:
         tokenizer = _load(cfg.name, ConfigError, "tokenizer.name")
     elif cfg.train_bpe is not None:

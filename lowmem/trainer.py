@@ -23,6 +23,7 @@ from lowmem import checkpoint as ckpt
 from lowmem import library_output
 from lowmem.config import Config, ConfigError, config_changes, flatten
 from lowmem.data import build_train_batches, eval_batches, eval_hint
+from lowmem.sources import data_source
 from lowmem.distributed import launch
 from lowmem.distributed.runtime import RUNTIMES
 from lowmem.errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
@@ -224,8 +225,7 @@ class Trainer:
         device assert on CUDA)."""
         cfg, size = self.config, len(self.tokenizer)
         if embedding_rows is not None and size > embedding_rows:
-            source = (f"the prepared data's tokenizer ({cfg.data.path})" if cfg.data.source == "prepared"
-                      else f"tokenizer.name '{cfg.tokenizer.name}'")
+            source = data_source(cfg.data).describe_tokenizer() or f"tokenizer.name '{cfg.tokenizer.name}'"
             raise ConfigError(f"tokenizer: {source} has {size} tokens but the pretrained model "
                               f"'{cfg.model.pretrained}' has {embedding_rows} embedding rows; leave tokenizer.name "
                               "unset to use the model's own tokenizer, or name one that fits")

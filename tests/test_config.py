@@ -66,6 +66,10 @@ def test_include_merges_and_overrides_win(tmp_path):
     (["model.preset=llama_60"], "unknown preset 'llama_60' (did you mean 'llama_60m'?)"),
     (["train.precision=bf61"], "train.precision: 'bf61' is not one of"),
     (["train.schedule=cosin"], "unknown schedule 'cosin' (did you mean 'cosine'?)"),
+    (["data.source=hubb"], "data.source: 'hubb' is not one of ['embedded', 'hub', 'files', 'prepared'] "
+                           "(did you mean 'hub'?)"),
+    (["data.instruct.format=chatt"], "data.instruct.format: 'chatt' is not one of ['prompt_response', 'chat'] "
+                                     "(did you mean 'chat'?)"),
 ])
 def test_misspelled_keys_and_names_suggest_the_closest(tmp_path, override, message):
     base = write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"}})

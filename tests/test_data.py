@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowmem.config import BPEConfig, DataConfig, TokenizerConfig
+from lowmem.config import BPEConfig, ConfigError, DataConfig, TokenizerConfig
 from lowmem.data import (DataError, build_train_batches, embedded_paths, eval_batches, is_held_out,
                          iter_documents, tokenize)
 from lowmem.tokenizer import build_tokenizer, train_bpe
@@ -251,6 +251,35 @@ def test_embedded_source_yields_stdlib_documents():
     paths = embedded_paths()
     assert len(paths) > 500 and all(p.suffix == ".py" and "site-packages" not in p.parts for p in paths)
     assert documents[0] in {p.read_text(encoding="utf-8", errors="replace") for p in paths[:10]}
+
+
+def test_a_registered_source_class_is_a_data_source(monkeypatch, text_dir, tokenizer):
+    """A new source is one DataSource subclass in DATA_SOURCES: configs accept its name, and its documents
+    train and evaluate as a built-in source's do."""
+    from lowmem import sources
+    from lowmem.config import load_config
+
+    class ListedSource(sources.DataSource):
+        name = "listed"
+
+        def documents(self, split_name):
+            yield from DOCUMENTS
+
+    monkeypatch.setitem(sources.DATA_SOURCES, "listed", ListedSource)
+    assert load_config(None, ["data.source=listed", "tokenizer.name=t5-base"]).data.source == "listed"
+    with pytest.raises(ConfigError, match="data.streaming: only hub and files sources stream"):
+        load_config(None, ["data.source=listed", "data.streaming=true", "tokenizer.name=t5-base"])
+    listed = dataclasses.replace(files_config(text_dir), source="listed", files=[])
+    assert list(iter_documents(listed, "train")) == list(iter_documents(files_config(text_dir), "train"))
+    assert_same_batches(take(build_train_batches(listed, tokenizer, 2, seed=0), 3),
+                        take(build_train_batches(files_config(text_dir), tokenizer, 2, seed=0), 3))
+    assert_same_batches(eval_batches(listed, tokenizer, 2, 100),
+                        eval_batches(files_config(text_dir), tokenizer, 2, 100))
+
+
+def test_an_unknown_source_is_refused_naming_the_closest(tokenizer):
+    with pytest.raises(ConfigError, match=r"data.source: 'file' is not one of .* \(did you mean 'files'\?\)"):
+        next(build_train_batches(DataConfig(source="file"), tokenizer, 2, seed=0))
 
 
 def test_json_and_parquet_files_give_the_same_documents(tmp_path, text_dir):
