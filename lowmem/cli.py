@@ -54,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
             line += f" {when}, stopped at once" + (f"; {_last_good(trainer)}" if trainer is not None else "")
         if launch.reports_here(err):  # on many ranks, once
             print(line, file=sys.stderr)
+        else:
+            launch.wait_for_the_reporter()
         return status
     if "eval_ppl" in final:
         print(f"done: step {final['step']}, eval loss {final['eval_loss']:.4f}, eval perplexity "

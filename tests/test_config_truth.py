@@ -20,6 +20,7 @@ import yaml
 from conftest import write_tiny_config
 from dist_harness import set_rank_env, spawn
 from lowmem import cli, planner
+from lowmem.distributed import launch
 from lowmem.metrics import read_metrics
 
 ENTRY_POINTS: dict[str, Callable[[list[str]], int]] = {"train.py": cli.main, "lowmem.memory": planner.main}
@@ -242,8 +243,10 @@ def test_a_config_refusal_is_reported_by_rank_0_only(tmp_path, corpus, capsys, m
     """Every rank reads the same files and environment, so each would print the same line: only rank 0 does."""
     s = Setup(tmp_path, corpus, monkeypatch)
     argv = s.deepspeed({"bf16": {"enabled": True}})
-    exits = []
+    exits, waits = [], []
     monkeypatch.setattr(os, "_exit", exits.append)  # on many ranks each leaves at once: keep this process
+    # a silent rank gives rank 0 time to print before a launcher ends them all
+    monkeypatch.setattr(launch, "wait_for_the_reporter", lambda: waits.append(os.environ["RANK"]))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert cli.main(argv) == 2 and exits == [2]
@@ -251,3 +254,4 @@ def test_a_config_refusal_is_reported_by_rank_0_only(tmp_path, corpus, capsys, m
     monkeypatch.setenv("RANK", "0")
     assert cli.main(argv) == 2 and exits == [2, 2]
     assert refusal(capsys).startswith("config error: distributed.deepspeed_config:")
+    assert waits == ["1"]

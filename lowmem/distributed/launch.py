@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Iterator
@@ -88,6 +89,15 @@ def reports_here(error: BaseException) -> bool:
     a signal) is printed by rank 0 alone, one only this rank met (`rank_local`) by this rank."""
     rank, _, world = launcher_world()
     return world == 1 or rank == 0 or getattr(error, "rank_local", False)
+
+
+REPORTER_GRACE_S = 5.0
+
+
+def wait_for_the_reporter() -> None:
+    """A rank that leaves a failure's line to rank 0 waits a moment before it exits: a launcher (torchrun) ends
+    every rank as soon as the first one exits, which could stop rank 0 before it has printed the line."""
+    time.sleep(REPORTER_GRACE_S)
 
 
 def collective_failed(error: BaseException) -> bool:

@@ -119,7 +119,8 @@ class PipelineOptions(OptimizerOptions):
     core: str = field(default="adam", metadata=EVERY_PIPELINE)  # adam | adafactor | microadam
     # auto (the parameters' dtype) | fp32 | bf16 | int8 | int4: how the core's moments are stored
     state_dtype: str = field(default="auto", metadata=EVERY_PIPELINE)
-    # int4 second moment normalized by min(row max, column max) instead of blocks
+    # int4 second moment normalized by min(row max, column max) instead of blocks (off: blocks measured better,
+    # README "int4_rank1")
     int4_rank1: bool = field(default=False, metadata=INT4)
     # Adafactor core (lowmem.optim.adafactor); its first moment is betas[0] (0: none)
     adafactor_eps: tuple[float, float] = field(default=(1e-30, 1e-3), metadata=ADAFACTOR)
