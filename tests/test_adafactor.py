@@ -20,10 +20,15 @@ def problem(steps=8, seed=0, shapes=SHAPES):
     return weights, grads
 
 
-def run(make, weights, grads):
+def run(make, weights, grads, lrs=None):
+    """The weights after one update per entry of `grads`; with `lrs`, every group's lr is set to lrs[t] before
+    update t (an lr schedule)."""
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     opt = make(params)
-    for step in grads:
+    for t, step in enumerate(grads):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[t]
         for p, g in zip(params, step):
             p.grad = g.clone()
         opt.step()
@@ -120,19 +125,6 @@ def test_factored_state_is_rows_plus_columns():
     assert math.isclose(opt.expected_state_bytes() / (2 * 4 * 64 * 96), (64 + 96) / (2 * 64 * 96))
 
 
-def run_scheduled(make, weights, grads, lrs):
-    """As `run`, with every group's lr set to lrs[t] before update t (an lr schedule)."""
-    params = [torch.nn.Parameter(w.clone()) for w in weights]
-    opt = make(params)
-    for lr, step in zip(lrs, grads):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for p, g in zip(params, step):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach() for p in params]
-
-
 def warmup_cosine(peak: float, steps: int, warmup: int = 3) -> list[float]:
     return [peak * (t + 1) / warmup if t < warmup else
             peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))) for t in range(steps)]
@@ -146,11 +138,11 @@ def test_lr_in_first_moment_matches_transformers_adafactor_under_a_schedule():
     weights, grads = problem(steps=12)
     lrs = warmup_cosine(0.02, 12)
     common = dict(relative_step=False, scale_parameter=False, betas=(0.9, 0.999), weight_decay=0.1)
-    theirs = run_scheduled(lambda ps: Adafactor(ps, lr=0.02, relative_step=False, scale_parameter=False,
+    theirs = run(lambda ps: Adafactor(ps, lr=0.02, relative_step=False, scale_parameter=False,
                                                 warmup_init=False, beta1=0.9, weight_decay=0.1), weights, grads, lrs)
-    folded = run_scheduled(lambda ps: PipelineOptimizer([{"params": ps}], AdafactorOptions(
+    folded = run(lambda ps: PipelineOptimizer([{"params": ps}], AdafactorOptions(
         lr=0.02, lr_in_first_moment=True, **common)), weights, grads, lrs)
-    outside = run_scheduled(lambda ps: PipelineOptimizer([{"params": ps}], AdafactorOptions(lr=0.02, **common)),
+    outside = run(lambda ps: PipelineOptimizer([{"params": ps}], AdafactorOptions(lr=0.02, **common)),
                             weights, grads, lrs)
     for a, b, c, w in zip(folded, theirs, outside, weights):
         torch.testing.assert_close(a - w, b - w, atol=1e-6, rtol=1e-5)
@@ -165,13 +157,13 @@ def test_galore_adafactor_matches_galore_torch_with_weight_decay_and_a_schedule(
 
     weights, grads = problem(steps=12, shapes=[shape])
     lrs = warmup_cosine(0.01, 12)
-    theirs = run_scheduled(lambda ps: GaLoreAdafactor(
+    theirs = run(lambda ps: GaLoreAdafactor(
         [{"params": ps, "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": "std"}], lr=0.01,
         relative_step=False, scale_parameter=False, warmup_init=False, beta1=0.9, weight_decay=0.1),
         weights, grads, lrs)
     options = GaloreOptions(rank=4, update_gap=5, core="adafactor", lr=0.01, betas=(0.9, 0.999), weight_decay=0.1,
                             lr_in_first_moment=True)
-    ours = run_scheduled(lambda ps: PipelineOptimizer([{"params": ps, "projected": True}], options),
+    ours = run(lambda ps: PipelineOptimizer([{"params": ps, "projected": True}], options),
                          weights, grads, lrs)
     assert (theirs[0] - weights[0]).abs().max() > 1e-3
     torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=1e-5)

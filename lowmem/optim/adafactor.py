@@ -17,8 +17,8 @@ Weight decay comes before the step, as in transformers' `Adafactor` and galore-t
 whatever `adam_convention` says (that option places Adam's decay). By default the external lr stays outside the
 first-moment average (as Adam keeps lr outside its moments); `lr_in_first_moment: true` folds it in before the
 average as transformers and GaLoreAdafactor do (s = lr * s, W -= U): the two agree exactly at a constant lr and
-differ in how an lr schedule mixes into the momentum. With relative_step the
-external lr is 1 times the trainer's schedule factor (`optimizer.lr` must be unset). W is the full weight
+differ in how an lr schedule mixes into the momentum. With relative_step the external lr is 1 times the
+trainer's schedule factor (`optimizer.lr` must be unset). W is the full weight
 also when G is a projected core (GaLore-Adafactor's parameter scale is the weight's RMS). The factored
 statistics stay fp32 (they are rows + columns); the optional first moment uses the state storage.
 """
