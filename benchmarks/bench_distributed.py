@@ -89,7 +89,7 @@ SETTINGS = {  # name: (distributed backend, extra overrides)
 
 
 def build_config(model: str, optimizer: str, rank: int, backend: str, extra: tuple, world: int):
-    from lowmem.config import load_config
+    from lowmem.train.config import load_config
 
     overrides = [f"optimizer.name={optimizer}", "train.batch_size=4",
                  f"train.global_batch_size={4 * world}", "train.grad_clip=0.0", f"distributed.backend={backend}",
@@ -114,7 +114,7 @@ def worker(rank: int, world: int, port: int, args, optimizer: str, setting: str,
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     from lowmem.distributed.launch import init
     from lowmem.distributed.runtime import RUNTIMES
-    from lowmem.model import build_model
+    from lowmem.model.build import build_model
     from lowmem.optim import build_optimizer
 
     config = build_config(args.model, optimizer, args.rank, backend, extra, world)

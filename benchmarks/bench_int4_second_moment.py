@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from lowmem.optim.storage import QuantizedStorage
+from lowmem.optim.state.storage import QuantizedStorage
 
 
 def synthetic(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -48,7 +48,7 @@ def load_kernels() -> None:
 
 
 def adam_state(storage, shape, device):
-    from lowmem.optim.cores import FIRST, SECOND
+    from lowmem.optim.parts.cores import FIRST, SECOND
 
     state = {}
     storage.zeros(state, FIRST, torch.Size(shape), device, "signed")
@@ -57,7 +57,7 @@ def adam_state(storage, shape, device):
 
 
 def storage_named(name: str):
-    from lowmem.optim.storage import BF16, FP32, QuantizedStorage
+    from lowmem.optim.state.storage import BF16, FP32, QuantizedStorage
 
     return {"fp32": FP32, "bf16": BF16}.get(name) or QuantizedStorage(name)
 
@@ -83,7 +83,7 @@ def case_adam_update(state_dtype: str, weight_dtype: torch.dtype, decay_after: b
 
 
 def case_stochastic_rounding(device):
-    from lowmem.optim.storage import FP32
+    from lowmem.optim.state.storage import FP32
 
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(4096, generator=gen).to(device, torch.bfloat16)
@@ -113,7 +113,7 @@ def case_adam_direction(state_dtype: str):
 def case_adam_spam_clip(state_dtype: str):
     """adam_direction with SPAM's clip fused, against the transform's torch clip and then the reference."""
     def run(device):
-        from lowmem.optim.cores import SECOND
+        from lowmem.optim.parts.cores import SECOND
 
         storage = storage_named(state_dtype)
         shape = (24, 333)
@@ -132,7 +132,7 @@ def case_adam_spam_clip(state_dtype: str):
 
 def case_fake_quant(kind: str, fmt: str, dtype: torch.dtype, shape: tuple[int, ...], group_size: int):
     def run(device):
-        from lowmem import fake_quant as ref
+        from lowmem.model.quant import fake as ref
 
         gen = torch.Generator().manual_seed(5)
         x = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
@@ -143,7 +143,7 @@ def case_fake_quant(kind: str, fmt: str, dtype: torch.dtype, shape: tuple[int, .
 
 
 def case_adam_multi(device):
-    from lowmem.optim.storage import StoragePolicy
+    from lowmem.optim.state.storage import StoragePolicy
 
     policy = StoragePolicy("int8")
     shapes, dtypes = [(61, 83), (64,), (70, 70), (5000,)], [torch.float32, torch.float32, torch.bfloat16, torch.float32]
@@ -165,8 +165,8 @@ def case_adam_multi(device):
 
 def case_projected(residual_name: str, variant: str = "paper", weight_dtype=torch.float32, empty: bool = False):
     def run(device):
-        from lowmem.optim.projectors import canonical
-        from lowmem.optim.residuals import RESIDUALS
+        from lowmem.optim.parts.projectors import canonical
+        from lowmem.optim.parts.residuals import RESIDUALS
 
         policy = RESIDUALS[residual_name](scale=0.25, fira_gamma=1.01, fira_variant=variant, inactive_lr_scale=0.5)
         gen = torch.Generator().manual_seed(4)
@@ -207,7 +207,7 @@ def case_adafactor(moment_dtype):
 
 def case_microadam(ef_block: int):
     def run(device):
-        from lowmem.optim.microadam import ef_quantize, window_width
+        from lowmem.optim.parts.microadam import ef_quantize, window_width
 
         o = SimpleNamespace(window=3, k_init=0.05, topk_block=512, ef_block=ef_block, state_dtype="auto", ef_alpha=0.0)
         numel = 3737
@@ -365,8 +365,8 @@ def copy_bandwidth(device: str, numel: int, repeats: int) -> float:
 
 
 def bandwidth_table(device: str, shape: tuple[int, int], rank: int, repeats: int) -> None:
-    from lowmem.optim.projectors import canonical
-    from lowmem.optim.residuals import RESIDUALS
+    from lowmem.optim.parts.projectors import canonical
+    from lowmem.optim.parts.residuals import RESIDUALS
 
     numel = math.prod(shape)
     copy = copy_bandwidth(device, max(numel, 1 << 26) if device == "cuda" else numel, repeats)
@@ -423,7 +423,7 @@ def bandwidth_table(device: str, shape: tuple[int, int], rank: int, repeats: int
     row, col = torch.zeros(shape[0], device=device), torch.zeros(shape[1], device=device)
     add("adafactor_direction (3 passes over G, D written)", 16, numel,
         lambda: K.adafactor.adafactor_direction(grad, row, col, 0.9, 1e-30, 1.0, 1e-2))
-    from lowmem.optim.microadam import ef_quantize
+    from lowmem.optim.parts.microadam import ef_quantize
 
     codes, low, high = ef_quantize(torch.zeros(numel, device=device), 64)
     add("microadam ef_correct", 4 + 0.5 + 4, numel, lambda: K.microadam.ef_correct(grad, codes, low, high, 64))
@@ -437,8 +437,8 @@ def bandwidth_table(device: str, shape: tuple[int, int], rank: int, repeats: int
 
 def fused_projected_step(weight, grad, basis, state, storage, residual, step, lr=1e-3):
     """The fused projected update of one weight: R = P^T Gc (GEMM), fused Adam, the epilogue."""
-    from lowmem.optim.cores import bias_correction
-    from lowmem.optim.projectors import canonical
+    from lowmem.optim.parts.cores import bias_correction
+    from lowmem.optim.parts.projectors import canonical
 
     core_grad = basis.T @ canonical(grad)
     direction = K.adam.adam_direction(core_grad, state, storage, step, *BETAS, 1e-6, False)
@@ -449,9 +449,9 @@ def fused_projected_step(weight, grad, basis, state, storage, residual, step, lr
 def optimizer_steps(device: str, shapes: list[tuple[int, int]], ranks: list[int], repeats: int) -> None:
     import warnings
 
+    from lowmem.optim.parts.residuals import RESIDUALS
     from lowmem.optim.pipeline import PipelineOptimizer
     from lowmem.optim.presets import AdamW8bitOptions, FiraOptions, GaloreOptions
-    from lowmem.optim.residuals import RESIDUALS
 
     print(f"\nOptimizer step time ({device}), ms; ratio = reference / fused:")
     print(f"  {'shape':<12} {'what':<44} {'ms':>9} {'ratio':>7}")
@@ -517,8 +517,8 @@ def optimizer_steps(device: str, shapes: list[tuple[int, int]], ranks: list[int]
 
 def model_params(device: str, tiny: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """llama_1b's weights (or a tiny stand-in) with gradients: (projected attention / MLP matrices, the rest)."""
-    from lowmem.config import ModelConfig
-    from lowmem.model import build_meta_model
+    from lowmem.model.build import build_meta_model
+    from lowmem.model.config import ModelConfig
 
     overrides = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2) if tiny else {}
     meta = build_meta_model(ModelConfig(preset="llama_1b", **overrides), vocab_size=512 if tiny else None)
@@ -532,10 +532,10 @@ def model_params(device: str, tiny: bool) -> tuple[list[torch.Tensor], list[torc
 
 
 def model_step(device: str, tiny: bool, rank: int, repeats: int) -> None:
+    from lowmem.optim.parts.projectors import canonical
     from lowmem.optim.pipeline import PipelineOptimizer
     from lowmem.optim.presets import GaloreOptions
-    from lowmem.optim.projectors import canonical
-    from lowmem.optim.storage import StoragePolicy
+    from lowmem.optim.state.storage import StoragePolicy
 
     projected, dense = model_params(device, tiny)
     params = projected + dense

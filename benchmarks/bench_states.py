@@ -16,8 +16,8 @@ import time
 import warnings
 
 import torch
-
 from bench_projection import llama_60m_params
+
 from lowmem.optim import OPTIMIZERS, optimizer_state_bytes
 from lowmem.optim.adamw import TorchAdamW
 from lowmem.optim.registry import parse_optimizer_options
@@ -28,7 +28,7 @@ RANK = 128
 
 def cases(only: set[str] | None) -> list[dict]:
     """Every registered optimizer with each state_dtype it accepts (the registry decides, not this list)."""
-    from lowmem.config import ConfigError
+    from lowmem.errors import ConfigError
 
     found = []
     for name in sorted(OPTIMIZERS):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from lowmem.config import load_config
-from lowmem.data import build_train_batches
-from lowmem.model import build_model
-from lowmem.trainer import Trainer
+from lowmem.data.loaders import build_train_batches
+from lowmem.model.build import build_model
+from lowmem.train.config import load_config
+from lowmem.train.trainer import Trainer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 

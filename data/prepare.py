@@ -19,13 +19,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lowmem.config import (ConfigError, DataConfig, TokenizerConfig, apply_override, from_dict, read_yaml_tree,
-                           to_dict)
-from lowmem.data import (PREPARED_META, PREPARED_TOKENIZER, iter_documents, iter_eval_sequences, iter_sequences,
-                         take_rows)
-from lowmem.errors import REPORTED, report
-from lowmem.sources import data_source
-from lowmem.tokenizer import build_tokenizer
+from lowmem.config.files import apply_override, read_yaml_tree
+from lowmem.config.schema import from_dict, to_dict
+from lowmem.data.batches import iter_documents, iter_eval_sequences, iter_sequences, take_rows
+from lowmem.data.config import DataConfig, TokenizerConfig
+from lowmem.data.sources import PREPARED_META, PREPARED_TOKENIZER, data_source
+from lowmem.data.tokenizer import build_tokenizer
+from lowmem.errors import REPORTED, ConfigError, report
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 

@@ -1,4 +1,4 @@
-"""Adafactor's factored update (lowmem.optim.adafactor.adafactor_math) in three passes over the gradient.
+"""Adafactor's factored update (lowmem.optim.parts.adafactor.adafactor_math) in three passes over the gradient.
 
     1. row sums and per-row-block column sums of G^2 + eps1 (one read of G; column partials summed by torch,
        deterministic)
@@ -20,7 +20,7 @@ import torch
 
 from lowmem.kernels._triton import cdiv, jit, tl
 from lowmem.kernels.common import store_float
-from lowmem.optim.adafactor import adafactor_math
+from lowmem.optim.parts.adafactor import adafactor_math
 
 
 @jit

@@ -2,14 +2,14 @@
 direction as its output.
 
 Per element, in fp32 registers: load the gradient and both moments (fp32, bf16, or blockwise int8 / int4 codes
-with one fp32 absmax per block, `lowmem.optim.storage`), run `lowmem.optim.cores.adam_math`, store the moments
+with one fp32 absmax per block, `lowmem.optim.state.storage`), run `lowmem.optim.parts.cores.adam_math`, store the moments
 back in their format (new absmax per block, nearest code), then either
 
     adam_direction  write the bias-corrected direction D (a projected core: the caller back-projects it), or
     adam_update     update the weight in place, W -= lr D with decoupled decay before or after (the pipeline's
                     Adam conventions), fp32 or bf16 weights (bf16 rounded to nearest, or stochastically).
 
-Quantization reproduces `lowmem.optim.quantization.quantize`: x times the reciprocal of max(absmax, SCALE_FLOOR),
+Quantization reproduces `lowmem.optim.state.quantization.quantize`: x times the reciprocal of max(absmax, SCALE_FLOOR),
 clamped to [-1, 1], and the code is the number of map midpoints below it (torch.bucketize). A tile holds ROWS
 quantization blocks (256 for int8, 128 for int4 as byte pairs: element 2i in the low nibble). State tensors
 are exactly the storage's, so a checkpoint written by either path is read by the other. Not fused: the
@@ -29,9 +29,9 @@ import torch
 
 from lowmem.kernels._triton import cdiv, jit, tl
 from lowmem.kernels.common import decayed_step, offset, store_float
-from lowmem.optim import quantization as q
-from lowmem.optim.cores import ADAM_CONVENTIONS, FIRST, SECOND, adam_math
-from lowmem.optim.storage import QUANT_BLOCKS, QuantizedStorage, Storage
+from lowmem.optim.parts.cores import ADAM_CONVENTIONS, FIRST, SECOND, adam_math
+from lowmem.optim.state import quantization as q
+from lowmem.optim.state.storage import QUANT_BLOCKS, QuantizedStorage, Storage
 
 # constexpr codes of the state storage and of what the kernel writes
 FP32, BF16, INT8, INT4 = 0, 1, 2, 3

@@ -1,4 +1,4 @@
-"""Fake 4-bit quantization (`lowmem.fake_quant`) in one pass: quantize and dequantize a tensor group by group.
+"""Fake 4-bit quantization (`lowmem.model.quant.fake`) in one pass: quantize and dequantize a tensor group by group.
 
 A program holds GROUPS groups of `group_size` consecutive elements of the flattened tensor (which are the rows'
 groups when group_size divides the last dimension, and the reference's row-crossing groups otherwise), padded
@@ -94,7 +94,7 @@ def _tiles(device: torch.device, block: int) -> int:
 
 
 def fake_quantize(x: torch.Tensor, kind: str, fmt: str, group_size: int, keep_outliers: int = 0) -> torch.Tensor:
-    """`lowmem.fake_quant`'s int4_weight / int4_activation / fp4_e1m2 of `x` (kind: weight | activation) in its
+    """`lowmem.model.quant.fake`'s int4_weight / int4_activation / fp4_e1m2 of `x` (kind: weight | activation) in its
     shape and dtype, round to nearest; int4 weights keep no outliers, as the reference."""
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")

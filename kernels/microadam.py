@@ -1,4 +1,4 @@
-"""MicroAdam's update (lowmem.optim.microadam.MicroAdamCore.step) with its dense passes fused.
+"""MicroAdam's update (lowmem.optim.parts.microadam.MicroAdamCore.step) with its dense passes fused.
 
     ef_correct       a = g + Q^-1(e): one pass reading the gradient and the 4-bit error feedback
     top-k            torch.topk per block of the corrected gradient (a library primitive, like the matmuls of the
@@ -19,9 +19,16 @@ import torch
 
 from lowmem.kernels._triton import cdiv, jit, next_power_of_2, tl
 from lowmem.kernels.common import offset, round_bf16
-from lowmem.optim.cores import CoreContext
-from lowmem.optim.microadam import EF_LEVELS, MicroAdamCore, block_starts, blockwise_topk, ef_quantize, topk_layout
-from lowmem.optim.storage import StoragePolicy
+from lowmem.optim.parts.cores import CoreContext
+from lowmem.optim.parts.microadam import (
+    EF_LEVELS,
+    MicroAdamCore,
+    block_starts,
+    blockwise_topk,
+    ef_quantize,
+    topk_layout,
+)
+from lowmem.optim.state.storage import StoragePolicy
 
 
 @jit
@@ -108,7 +115,7 @@ def _tiles(device: torch.device) -> int:
 
 def ef_correct(grad: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                bucket: int) -> torch.Tensor:
-    """Flat fp32 g + Q^-1(e) (lowmem.optim.microadam.ef_dequantize added to the gradient)."""
+    """Flat fp32 g + Q^-1(e) (lowmem.optim.parts.microadam.ef_dequantize added to the gradient)."""
     numel = grad.numel()
     if grad.dim() == 2:
         ncols, s0, s1 = grad.shape[1], *grad.stride()

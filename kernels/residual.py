@@ -8,7 +8,7 @@ R = P^T Gc, the weight takes (canonical b x a layout, W^T for a tall weight; low
     drop      residual 0: for an fp32 weight one cuBLAS call, W <- beta W + alpha P D (addmm); a bf16 weight
               goes through the epilogue kernel (it rounds to nearest or stochastically)
     fira      k phi_j (Gc - c P R)_ij: phi_j = ||D_:j|| / (||R_:j|| + 1e-8) (over the rank, per column), and
-              k = the limiter's factor, from the norm of that residual (`lowmem.optim.residuals.FiraResidual`:
+              k = the limiter's factor, from the norm of that residual (`lowmem.optim.parts.residuals.FiraResidual`:
               paper c = 1, k = scale / limit; code c = scale, phi / bias correction, k = bias correction / limit)
     sign_sgd  f sign(Gc - P R), f = scale * inactive_lr_scale (FRUGAL)
     sgd       f (Gc - P R)
@@ -29,10 +29,16 @@ import torch
 
 from lowmem.kernels._triton import cdiv, jit, tl
 from lowmem.kernels.common import decayed_step, store_float
-from lowmem.optim.cores import ADAM_CONVENTIONS
-from lowmem.optim.projectors import canonical
-from lowmem.optim.residuals import (FIRA_NORM_EPS, DropResidual, FiraResidual, ResidualPolicy, SGDResidual,
-                                    SignSGDResidual)
+from lowmem.optim.parts.cores import ADAM_CONVENTIONS
+from lowmem.optim.parts.projectors import canonical
+from lowmem.optim.parts.residuals import (
+    FIRA_NORM_EPS,
+    DropResidual,
+    FiraResidual,
+    ResidualPolicy,
+    SGDResidual,
+    SignSGDResidual,
+)
 
 NONE, LINEAR, SIGN = 0, 1, 2  # the residual term: none, k phi_j (G - c B), k sign(G - B)
 

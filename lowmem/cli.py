@@ -14,12 +14,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from lowmem.config import load_config
 from lowmem.distributed import launch
 from lowmem.errors import REPORTED, TrainingDiverged, report_line
+from lowmem.train.config import load_config
 
 if TYPE_CHECKING:
-    from lowmem.trainer import Trainer
+    from lowmem.train.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     trainer = None
     try:
         config = load_config(files, overrides)
-        from lowmem.trainer import Trainer
+        from lowmem.train.trainer import Trainer
 
         trainer = Trainer(config)
         final = trainer.fit()
@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _last_good(trainer: Trainer | None) -> str:
     """Which checkpoint a user can continue from: only one that loads and holds finite weights is named."""
-    from lowmem.checkpoint import last_good_checkpoint
+    from lowmem.train.checkpoint import last_good_checkpoint
 
     found = last_good_checkpoint(trainer.run_dir) if trainer is not None else None
     return f"the last good checkpoint is {found}" if found else "there is no good checkpoint to resume from"

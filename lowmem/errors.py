@@ -7,9 +7,11 @@ reported with its file (exit 2). Anything else that escapes is a bug and keeps i
 """
 from __future__ import annotations
 
+import difflib
 import errno
 import signal
 import sys
+import typing
 from pathlib import Path
 
 
@@ -116,3 +118,9 @@ def report(err: BaseException, more: str = "") -> int:
     line, status = report_line(err)
     print(line + more, file=sys.stderr)
     return status
+
+
+def closest(word: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lowmem import checkpoint as ckpt
-from lowmem.config import ConfigError, QuantConfig, from_dict
-from lowmem.errors import REPORTED, CheckpointError, EnvironmentProblem, os_error_text, report
-from lowmem.fake_quant import quantize_weight
+from lowmem.config.schema import from_dict
+from lowmem.errors import REPORTED, CheckpointError, ConfigError, EnvironmentProblem, os_error_text, report
 from lowmem.library_output import quiet_accelerator_probe
-from lowmem.quant_linear import target_linears
+from lowmem.model.config import QuantConfig
+from lowmem.model.quant.fake import quantize_weight
+from lowmem.model.quant.linear import target_linears
+from lowmem.train import checkpoint as ckpt
 
 
 def checkpoint_quant(checkpoint: Path) -> QuantConfig:

@@ -30,10 +30,11 @@ from typing import Any, Optional
 
 import yaml
 
-from lowmem.config import (Config, ConfigError, apply_override, config_changes, config_from_tree, deep_merge, from_dict,
-                           read_yaml_tree)
-from lowmem.errors import REPORTED, TrainingDiverged, TrainingInterrupted, report
-from lowmem.metrics import read_metrics
+from lowmem.config.files import apply_override, read_yaml_tree
+from lowmem.config.schema import deep_merge, from_dict
+from lowmem.errors import REPORTED, ConfigError, TrainingDiverged, TrainingInterrupted, report
+from lowmem.train.config import Config, config_changes, config_from_tree
+from lowmem.train.metrics import read_metrics
 
 RESULT_FILE = "study_result.json"
 MIB = 2**20
@@ -101,7 +102,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> tuple[StudyConfig
 
 
 def predicted_peak(config: Config) -> int:
-    from lowmem.planner import plan_memory
+    from lowmem.memory.planner import plan_memory
 
     return plan_memory(config).total()
 
@@ -257,7 +258,7 @@ def _config_key(config: Config) -> dict:
 
 def run_one(run_name: str, config: Config) -> dict:
     """Train one run (continuing an interrupted one) and return its row; a diverged run is a row too."""
-    from lowmem.trainer import Trainer
+    from lowmem.train.trainer import Trainer
 
     start = time.perf_counter()
     diverged = None

@@ -170,7 +170,7 @@ def test_galore_adafactor_matches_galore_torch_with_weight_decay_and_a_schedule(
 
 
 def test_lr_in_first_moment_is_an_adafactor_option():
-    from lowmem.config import ConfigError
+    from lowmem.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optimizer.lr_in_first_moment: applies to core adafactor; this "
                                           "optimizer's core is adam"):

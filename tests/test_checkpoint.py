@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lowmem import checkpoint as ckpt
 from lowmem.errors import EnvironmentProblem
+from lowmem.train import checkpoint as ckpt
 
 
 def tiny_model(seed: int) -> LlamaForCausalLM:

@@ -5,9 +5,10 @@ import pytest
 import torch
 import yaml
 
-from lowmem.config import ConfigError, load_config
-from lowmem.model import build_meta_model
+from lowmem.errors import ConfigError
+from lowmem.model.build import build_meta_model
 from lowmem.optim.groups import check_options_against_model
+from lowmem.train.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
 
@@ -145,7 +146,7 @@ def test_update_in_backward_refuses_global_clipping(tmp_path):
 
 
 def test_unknown_llama_field_is_rejected_with_suggestion(tmp_path):
-    from lowmem.model import llama_config
+    from lowmem.model.build import llama_config
 
     config = load_config(write(tmp_path / "c.yaml", {"tokenizer": {"name": "t5-base"},
                                                       "model": {"extra": {"rms_norm_epss": 1e-5}}}))
@@ -200,7 +201,8 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
 
 
 def test_a_key_an_older_config_lacks_is_no_change_while_it_holds_its_default():
-    from lowmem.config import Config, config_changes, to_dict
+    from lowmem.config.schema import to_dict
+    from lowmem.train.config import Config, config_changes
 
     current = to_dict(Config())
     older = to_dict(Config())

@@ -16,12 +16,13 @@ from typing import Callable
 
 import pytest
 import yaml
-
 from conftest import write_tiny_config
 from dist_harness import set_rank_env, spawn
-from lowmem import cli, planner
+
+from lowmem import cli
 from lowmem.distributed import launch
-from lowmem.metrics import read_metrics
+from lowmem.memory import planner
+from lowmem.train.metrics import read_metrics
 
 ENTRY_POINTS: dict[str, Callable[[list[str]], int]] = {"train.py": cli.main, "lowmem.memory": planner.main}
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from lowmem.config import BPEConfig, ConfigError, DataConfig, TokenizerConfig
-from lowmem.data import (DataError, build_train_batches, embedded_paths, eval_batches, is_held_out,
-                         iter_documents, tokenize)
-from lowmem.tokenizer import build_tokenizer, train_bpe
+from lowmem.data.batches import is_held_out, iter_documents, tokenize
+from lowmem.data.config import BPEConfig, DataConfig, TokenizerConfig
+from lowmem.data.loaders import build_train_batches, eval_batches
+from lowmem.data.sources import embedded_paths
+from lowmem.data.tokenizer import build_tokenizer, train_bpe
+from lowmem.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -256,8 +258,8 @@ def test_embedded_source_yields_stdlib_documents():
 def test_a_registered_source_class_is_a_data_source(monkeypatch, text_dir, tokenizer):
     """A new source is one DataSource subclass in DATA_SOURCES: configs accept its name, and its documents
     train and evaluate as a built-in source's do."""
-    from lowmem import sources
-    from lowmem.config import load_config
+    from lowmem.data import sources
+    from lowmem.train.config import load_config
 
     class ListedSource(sources.DataSource):
         name = "listed"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_harness import MICRO_PER_UPDATE, Net, finish_rank, init_rank, rank_batches, reference, spawn
-from lowmem.config import ConfigError
+
 from lowmem.distributed.gradient_sync import check_projected_sync
+from lowmem.errors import ConfigError
 from lowmem.optim.registry import parse_optimizer_options
 
 # Ranks spawned as processes (python -m pytest -m 'not distributed' leaves them out).

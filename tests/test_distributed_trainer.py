@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import build_tiny_config
 from dist_harness import free_port, set_rank_env, spawn
-from lowmem.checkpoint import latest_checkpoint
-from lowmem.metrics import read_metrics
+
+from lowmem.train.checkpoint import latest_checkpoint
+from lowmem.train.metrics import read_metrics
 
 # Ranks spawned as processes (python -m pytest -m 'not distributed' leaves them out).
 pytestmark = pytest.mark.distributed
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def train_worker(rank, world, port, tmp, corpus, overrides, stop_at_step):
     set_rank_env(rank, world, port)
-    from lowmem.trainer import Trainer
+    from lowmem.train.trainer import Trainer
 
     trainer = Trainer(build_tiny_config(Path(tmp), Path(corpus), *overrides))
     trainer.fit(stop_at_step=stop_at_step)
@@ -45,7 +45,7 @@ BASE = ("train.batch_size=1", "train.max_steps=6", "checkpoint.every=3", "train.
 
 
 def single(tmp_path, corpus, *overrides, stop_at_step=None):
-    from lowmem.trainer import Trainer
+    from lowmem.train.trainer import Trainer
 
     config = build_tiny_config(tmp_path, corpus, *BASE, *overrides)
     trainer = Trainer(config)
@@ -102,7 +102,7 @@ def test_a_checkpoint_of_two_ranks_continues_on_three_and_on_one(tmp_path, corpu
 FAILING_RANK = """
 import sys
 from lowmem import cli
-from lowmem.trainer import Trainer
+from lowmem.train.trainer import Trainer
 
 real = Trainer.train_step
 def train_step(self, batches):
@@ -150,9 +150,9 @@ def test_train_py_under_torchrun(tmp_path, corpus):
 
 
 def test_zero3_refuses_matrix_optimizers_at_start(tmp_path, corpus):
-    from lowmem.config import ConfigError
     from lowmem.distributed.launch import DistContext
     from lowmem.distributed.runtime import DeepSpeedRuntime
+    from lowmem.errors import ConfigError
     from lowmem.optim import build_optimizer
     from lowmem.optim.registry import parse_optimizer_options
 
@@ -191,9 +191,9 @@ def test_zero3_adamw_trains_saves_and_resumes_as_one_process(tmp_path, corpus):
 
 
 def test_a_zero_stage_given_to_accelerate_that_the_config_contradicts_is_refused(tmp_path, corpus, monkeypatch):
-    from lowmem.config import ConfigError
     from lowmem.distributed.launch import DistContext
     from lowmem.distributed.runtime import DeepSpeedRuntime
+    from lowmem.errors import ConfigError
 
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
     with pytest.raises(ConfigError, match=r"ACCELERATE_DEEPSPEED_ZERO_STAGE=1 \(accelerate launch --zero_stage\) "
@@ -221,7 +221,7 @@ LOCAL_DATA_FAULT = """
 import sys
 from lowmem import cli
 from lowmem.errors import DataError
-from lowmem.trainer import Trainer
+from lowmem.train.trainer import Trainer
 
 def bad_rows():
     raise DataError("data.text_field: line 9 of 'part-1.jsonl' has no text in 'text'")

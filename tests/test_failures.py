@@ -20,16 +20,16 @@ from typing import Callable
 import pytest
 import torch
 import yaml
+from conftest import WORDS, write_tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import WORDS, write_tiny_config
-from lowmem import checkpoint as ckpt
 from lowmem.cli import main
-from lowmem.config import BPEConfig
+from lowmem.data.config import BPEConfig
+from lowmem.data.tokenizer import train_bpe
 from lowmem.export import main as export_main
-from lowmem.metrics import read_metrics
-from lowmem.rundir import RunLock
-from lowmem.tokenizer import train_bpe
+from lowmem.train import checkpoint as ckpt
+from lowmem.train.metrics import read_metrics
+from lowmem.train.rundir import RunLock
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE_NULLS = [f"model.{key}=null" for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -187,7 +187,7 @@ def zero_fragment_map_disagrees(s: Setup) -> list[str]:
                                              hp_fragment=torch.zeros(4))
         ZeroShardedOptimizer._check_fragments(SimpleNamespace(names={weight: "layers.0.mlp.up_proj.weight"}))
 
-    s.monkeypatch.setattr("lowmem.trainer.build_optimizer", refused)
+    s.monkeypatch.setattr("lowmem.train.trainer.build_optimizer", refused)
     return s.config()
 
 

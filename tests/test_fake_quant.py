@@ -10,14 +10,15 @@ import torch.nn.functional as F
 from conftest import build_tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lowmem.checkpoint import latest_checkpoint
-from lowmem.config import ConfigError, ModelConfig, QuantConfig
+from lowmem.errors import ConfigError
 from lowmem.export import main as export_main
-from lowmem.fake_quant import fp4_e1m2, int4_activation, int4_weight
-from lowmem.metrics import read_metrics
-from lowmem.model import build_model
-from lowmem.quant_linear import FakeQuantLinear, apply_fake_quant
-from lowmem.trainer import Trainer
+from lowmem.model.build import build_model
+from lowmem.model.config import ModelConfig, QuantConfig
+from lowmem.model.quant.fake import fp4_e1m2, int4_activation, int4_weight
+from lowmem.model.quant.linear import FakeQuantLinear, apply_fake_quant
+from lowmem.train.checkpoint import latest_checkpoint
+from lowmem.train.metrics import read_metrics
+from lowmem.train.trainer import Trainer
 
 # E1M2 (1 sign, 1 exponent, 2 mantissa bits, bias 1): subnormals 0.mm x 2^0, normals 1.mm x 2^0.
 E1M2_MAGNITUDES = [m / 4 for m in range(4)] + [1 + m / 4 for m in range(4)]

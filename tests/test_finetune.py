@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lowmem import instruct
-from lowmem.checkpoint import latest_checkpoint
-from lowmem.config import ConfigError, DataConfig, InstructConfig, load_config
-from lowmem.errors import DataError
+from lowmem.data import instruct
+from lowmem.data.config import DataConfig, InstructConfig
+from lowmem.errors import ConfigError, DataError
 from lowmem.export import export
-from lowmem.metrics import read_metrics
-from lowmem.trainer import Trainer
+from lowmem.train.checkpoint import latest_checkpoint
+from lowmem.train.config import load_config
+from lowmem.train.metrics import read_metrics
+from lowmem.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,7 +144,7 @@ def test_finetune_trains_and_reloads_with_plain_transformers(tiny_finetune, tmp_
 def test_instruction_run_resumes_exactly(tiny_finetune, tmp_path, method):
     base = "configs/finetune_lora.yaml" if method == "lora" else "configs/finetune_adamw.yaml"
     tiny = tiny_finetune["llama"]
-    extra = ["optimizer.lora.dropout=0.1"] if method == "lora" else []  # the dropout RNG is resumed too
+    extra = ["model.lora.dropout=0.1"] if method == "lora" else []  # the dropout RNG is resumed too
     whole = finetune_config(tmp_path / "a", tiny, *extra, base=base)
     Trainer(whole).fit()
     split = finetune_config(tmp_path / "b", tiny, *extra, base=base)
@@ -179,11 +180,11 @@ def test_lora_trains_adapters_only_and_its_checkpoint_is_the_merged_model(tiny_f
     torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(exported), ids), expected)
 
 
-@pytest.mark.parametrize("overrides", [["optimizer.lora.r=4"], ["model.freeze=[model.embed_tokens*, lm_head*]"],
+@pytest.mark.parametrize("overrides", [["model.lora.r=4"], ["model.freeze=[model.embed_tokens*, lm_head*]"],
                                        ["optimizer.name=galore", "optimizer.rank=8", "model.freeze=['*layers.0.*']"]],
                          ids=["lora", "freeze", "galore-freeze"])
 def test_planner_counts_lora_and_frozen_weights(tiny_finetune, tmp_path, overrides):
-    from lowmem.planner import measure_one_update, plan_memory
+    from lowmem.memory.planner import measure_one_update, plan_memory
 
     config = finetune_config(tmp_path, tiny_finetune["llama"], *overrides)
     plan, counted = plan_memory(config).per_rank(), measure_one_update(config)
@@ -232,8 +233,8 @@ def test_a_tokenizer_without_chat_template_is_refused_for_messages(tiny_finetune
 @pytest.mark.parametrize("override, words", [
     ("model.dtype=fp64", ["model.dtype", "'fp64'", "bf16"]),
     ("model.freeze=[decoder.*]", ["model.freeze", "'decoder.*'", "model.layers.N.self_attn.q_proj.weight"]),
-    ("optimizer.lora.target_modules=[attention]", ["optimizer.lora.target_modules", "model.layers.N.mlp.up_proj"]),
-    ("optimizer.lora.r=0", ["optimizer.lora.r"]),
+    ("model.lora.target_modules=[attention]", ["model.lora.target_modules", "model.layers.N.mlp.up_proj"]),
+    ("model.lora.r=0", ["model.lora.r"]),
 ])
 def test_bad_finetune_settings_are_named(tiny_finetune, tmp_path, override, words):
     with pytest.raises(ConfigError) as info:
@@ -242,7 +243,7 @@ def test_bad_finetune_settings_are_named(tiny_finetune, tmp_path, override, word
 
 
 def test_model_dtype_sets_the_weights_dtype(tiny_finetune, tmp_path):
-    from lowmem.model import weight_dtype
+    from lowmem.model.build import weight_dtype
 
     config = finetune_config(tmp_path, tiny_finetune["llama"], "model.dtype=bf16")
     assert weight_dtype(config.model, config.train.precision) == torch.bfloat16

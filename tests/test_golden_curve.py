@@ -37,7 +37,7 @@ CASES = {
 def train_losses(tmp: Path, corpus: Path, overrides: list[str]) -> list[float]:
     """The per-step train losses of the tiny run from its metrics.jsonl, run through the command line."""
     from lowmem.cli import main
-    from lowmem.metrics import read_metrics
+    from lowmem.train.metrics import read_metrics
 
     assert main([str(write_tiny_config(tmp, corpus)), "train.device=cpu", "train.precision=fp32", *overrides]) == 0
     rows = [row for row in read_metrics(tmp / "runs" / "t") if "loss" in row]

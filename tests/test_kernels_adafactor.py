@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lowmem.kernels import adafactor as kf
-from lowmem.optim.adafactor import AdafactorCore
-from lowmem.optim.cores import CoreContext
+from lowmem.optim.parts.adafactor import AdafactorCore
+from lowmem.optim.parts.cores import CoreContext
 from lowmem.optim.presets import AdafactorOptions
-from lowmem.optim.storage import StoragePolicy
+from lowmem.optim.state.storage import StoragePolicy
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lowmem.kernels import adam as ka
-from lowmem.optim import quantization as q
-from lowmem.optim.cores import FIRST, SECOND
-from lowmem.optim.storage import BF16, FP32, QuantizedStorage, StoragePolicy
+from lowmem.optim.parts.cores import FIRST, SECOND
+from lowmem.optim.state import quantization as q
+from lowmem.optim.state.storage import BF16, FP32, QuantizedStorage, StoragePolicy
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter

@@ -54,7 +54,7 @@ import torch
 import lowmem.optim, lowmem.kernels.residual, lowmem.kernels.adafactor, lowmem.kernels.microadam
 from lowmem.kernels import adam
 from lowmem.kernels.dispatch import resolve_backend
-from lowmem.optim.storage import FP32
+from lowmem.optim.state.storage import FP32
 assert resolve_backend("auto", "cuda") == "torch"
 state = {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
 print(adam.reference_adam_direction(torch.ones(3), state, FP32, 1, 0.9, 0.999, 1e-8, True).tolist())

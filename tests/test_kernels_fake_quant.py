@@ -1,12 +1,12 @@
-"""lowmem.kernels.fake_quant (interpreted) against lowmem.fake_quant's reference: every format, row-crossing groups
+"""lowmem.kernels.fake_quant (interpreted) against lowmem.model.quant.fake's reference: every format, row-crossing groups
 and a padded tail, outliers, bf16; the fake-quantized linear's forward and backward on the kernels; dispatch."""
 import pytest
 import torch
 
-from lowmem import fake_quant as ref
-from lowmem.config import QuantConfig
 from lowmem.kernels import fake_quant as fused
-from lowmem.quant_linear import FakeQuantLinear
+from lowmem.model.config import QuantConfig
+from lowmem.model.quant import fake as ref
+from lowmem.model.quant.linear import FakeQuantLinear
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lowmem.kernels import microadam as km
-from lowmem.optim.microadam import ef_dequantize, ef_quantize, window_width
+from lowmem.optim.parts.microadam import ef_dequantize, ef_quantize, window_width
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter

@@ -8,10 +8,19 @@ weights; quantized moments compared through their codes, which may differ by one
 import pytest
 import torch
 
-from lowmem.config import ConfigError
+from lowmem.errors import ConfigError
 from lowmem.optim.pipeline import PipelineOptimizer
-from lowmem.optim.presets import (AdafactorOptions, AdamW4bitOptions, AdamW8bitOptions, FiraOptions, FrugalOptions,
-                                   GaloreOptions, MicroAdamOptions, SpamOptions, StableSpamOptions)
+from lowmem.optim.presets import (
+    AdafactorOptions,
+    AdamW4bitOptions,
+    AdamW8bitOptions,
+    FiraOptions,
+    FrugalOptions,
+    GaloreOptions,
+    MicroAdamOptions,
+    SpamOptions,
+    StableSpamOptions,
+)
 from lowmem.optim.registry import parse_optimizer_options
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lowmem.kernels import residual as kr
-from lowmem.optim.projectors import canonical
-from lowmem.optim.residuals import RESIDUALS
+from lowmem.optim.parts.projectors import canonical
+from lowmem.optim.parts.residuals import RESIDUALS
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from lowmem.optim import quantization as q
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import AdamW4bitOptions, AdamW8bitOptions, GaloreOptions
+from lowmem.optim.state import quantization as q
 
 SHAPES = [(64, 100), (33, 129), (10,)]  # two quantized (>= 4096 elements, one not a multiple of 256), one fp32
 LR, WD, B1, B2, EPS = 1e-2, 0.1, 0.9, 0.999, 1e-8

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from lowmem.errors import EnvironmentProblem
-from lowmem.metrics import MetricsLog, read_metrics
+from lowmem.train.metrics import MetricsLog, read_metrics
 
 
 def strict(line: str) -> dict:

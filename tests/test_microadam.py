@@ -126,7 +126,7 @@ def test_densified_update_moves_every_coordinate_the_sparse_one_leaves():
      "optimizer.ef_alpha: applies to core microadam; this optimizer's core is adam"),
 ])
 def test_bad_densification_is_refused(options, message):
-    from lowmem.config import ConfigError
+    from lowmem.errors import ConfigError
     from lowmem.optim.registry import parse_optimizer_options
 
     with pytest.raises(ConfigError, match=message):

@@ -2,8 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lowmem.config import ModelConfig
-from lowmem.model import MODEL_PRESETS, build_meta_model, build_model, count_parameters, llama_config
+from lowmem.model.build import build_meta_model, build_model, count_parameters, llama_config
+from lowmem.model.config import ModelConfig
+from lowmem.model.presets import MODEL_PRESETS
 
 # Totals from the reference table (vocab 32000, untied head): name -> (total params, attn+MLP linear params).
 REFERENCE_COUNTS = {"llama_60m": (58.1e6, 25.3e6), "llama_130m": (134.1e6, 84.9e6),

@@ -1,18 +1,19 @@
 """Optimizer options that cannot work fail at config time, naming the key."""
 from __future__ import annotations
 
-import pytest
-
 from dataclasses import fields
 
-from lowmem.config import ConfigError
-from lowmem.optim.cores import CORES
+import pytest
+
+from lowmem.errors import ConfigError
+from lowmem.optim.options import OptimizerOptions
+from lowmem.optim.parts.cores import CORES
+from lowmem.optim.parts.projectors import PROJECTORS
+from lowmem.optim.parts.residuals import RESIDUALS
+from lowmem.optim.parts.transforms import TRANSFORMS
 from lowmem.optim.pipeline_options import PARTS, Part, PipelineOptions
-from lowmem.optim.projectors import PROJECTORS
-from lowmem.optim.registry import OPTIMIZERS, OptimizerOptions, parse_optimizer_options
-from lowmem.optim.residuals import RESIDUALS
-from lowmem.optim.storage import STATE_DTYPES
-from lowmem.optim.transforms import TRANSFORMS
+from lowmem.optim.registry import OPTIMIZERS, parse_optimizer_options
+from lowmem.optim.state.storage import STATE_DTYPES
 
 BAD = [
     ({"name": "microadam", "state_dtype": "int4"}, "optimizer.state_dtype: 'int4' cannot apply to the microadam core"),
@@ -126,7 +127,7 @@ def test_options_built_in_code_are_checked_by_what_differs_from_the_preset():
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_the_recorded_config_loads_back(name):
     """runs/NAME/config.yaml (Config.record) holds only the optimizer keys its parts read: it parses again."""
-    from lowmem.config import Config
+    from lowmem.train.config import Config
 
     config = Config()
     config.optimizer = parse_optimizer_options({"name": name})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem.config import ConfigError
+from lowmem.errors import ConfigError
 from lowmem.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 from lowmem.optim.registry import parse_optimizer_options
 

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from lowmem.config import ConfigError
+from lowmem.errors import ConfigError
+from lowmem.memory.planner import main, measure_one_update, parse_gpu_size, plan_memory
 from lowmem.optim import OPTIMIZERS
-from lowmem.planner import main, measure_one_update, parse_gpu_size, plan_memory
 
 VARIANTS = [[f"optimizer.name={name}"] + (["optimizer.lr=null"] if name == "adafactor" else ["optimizer.lr=0.001"])
             for name in sorted(OPTIMIZERS)] + [

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from lowmem.config import ConfigError
+from lowmem.errors import ConfigError
 from lowmem.optim import build_optimizer, optimizer_state_bytes
-from lowmem.optim.presets import FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
 from lowmem.optim.pipeline import PipelineOptimizer
+from lowmem.optim.presets import FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
 from lowmem.optim.registry import parse_optimizer_options
 
 SHAPES = [(10, 6), (6, 10), (8, 8)]

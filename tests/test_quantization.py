@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lowmem.optim import quantization as q
-from lowmem.optim.storage import QuantizedStorage, StoragePolicy
+from lowmem.optim.state import quantization as q
+from lowmem.optim.state.storage import QuantizedStorage, StoragePolicy
 
 
 def slow_round_trip(x: torch.Tensor, values: torch.Tensor, block: int) -> torch.Tensor:
@@ -160,7 +160,7 @@ def test_small_tensors_stay_fp32():
 
 @pytest.mark.parametrize("bits, kind", [(8, "signed"), (8, "unsigned"), (4, "signed"), (4, "unsigned")])
 def test_cpu_encode_gives_the_nearest_code_as_a_plain_search_does(bits, kind):
-    from lowmem.optim.quantization import state_map
+    from lowmem.optim.state.quantization import state_map
 
     qmap = state_map(bits, kind)
     mids = qmap.midpoints

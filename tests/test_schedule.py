@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lowmem.schedule import build_scheduler
+from lowmem.train.schedule import build_scheduler
 
 
 def lrs(name, steps, warmup, min_ratio, peak=0.01):

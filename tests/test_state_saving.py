@@ -5,12 +5,13 @@ import dataclasses
 
 import pytest
 
-from lowmem.config import ConfigError, ModelConfig
-from lowmem.memory import adamw_state_bytes, state_versus_adamw
-from lowmem.model import build_meta_model
+from lowmem.errors import ConfigError
+from lowmem.memory.report import adamw_state_bytes, state_versus_adamw
+from lowmem.model.build import build_meta_model
+from lowmem.model.config import ModelConfig
 from lowmem.optim import OPTIMIZERS, build_optimizer
 from lowmem.optim.registry import parse_optimizer_options
-from lowmem.trainer import Trainer
+from lowmem.train.trainer import Trainer
 
 
 def quickstart_model():

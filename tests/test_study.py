@@ -6,10 +6,9 @@ import pytest
 import yaml
 
 from lowmem import study as study_module
-from lowmem.config import ConfigError
-from lowmem.errors import TrainingInterrupted
-from lowmem.metrics import read_metrics
+from lowmem.errors import ConfigError, TrainingInterrupted
 from lowmem.study import expand_grid, load_study, pareto_front, run_study
+from lowmem.train.metrics import read_metrics
 
 
 def write_study(make_config, tmp_path, corpus_dir, runs, **extra):
@@ -94,7 +93,7 @@ def test_a_study_interrupted_between_runs_skips_the_finished_ones(tmp_path, corp
 
 
 def test_a_run_interrupted_inside_resumes_from_its_checkpoint(tmp_path, corpus, make_config, monkeypatch):
-    from lowmem.trainer import Trainer
+    from lowmem.train.trainer import Trainer
 
     runs = {"r": {"optimizer": {"name": "adamw"}, "train": {"max_steps": 6}, "checkpoint": {"every": 2}}}
     path = write_study(make_config, tmp_path, corpus, runs)
@@ -149,7 +148,7 @@ def test_tiny_all_runs_every_registered_optimizer():
 ])
 def test_ctrl_c_during_a_study_ends_with_one_line_and_128_plus_the_signal(tmp_path, corpus, make_config, monkeypatch,
                                                                           capsys, stop, status, words):
-    from lowmem.trainer import Trainer
+    from lowmem.train.trainer import Trainer
 
     path = write_study(make_config, tmp_path, corpus, {"one": {"optimizer": {"name": "adamw"}}})
 

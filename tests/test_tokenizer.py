@@ -5,10 +5,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import lowmem.tokenizer as tokenizer_module
-from lowmem.config import BPEConfig, ConfigError, DataConfig, TokenizerConfig
-from lowmem.data import is_held_out, iter_documents
-from lowmem.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tokenizer, train_bpe
+import lowmem.data.tokenizer as tokenizer_module
+from lowmem.data.batches import is_held_out, iter_documents
+from lowmem.data.config import BPEConfig, DataConfig, TokenizerConfig
+from lowmem.data.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tokenizer, train_bpe
+from lowmem.errors import ConfigError
 
 WORDS = "the quick brown fox jumps over lazy dog def return import class lambda yield (x) [0] {a: b}".split()
 

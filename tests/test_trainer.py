@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import build_tiny_config, write_tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from conftest import build_tiny_config, write_tiny_config
-from lowmem import checkpoint as ckpt
-from lowmem.checkpoint import latest_checkpoint, list_checkpoints, load_state
-from lowmem.config import ConfigError
-from lowmem.metrics import read_metrics
+from lowmem.data.tokenizer import EOS_TOKEN
+from lowmem.errors import ConfigError
 from lowmem.optim import OPTIMIZERS
-from lowmem.tokenizer import EOS_TOKEN
-from lowmem.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from lowmem.train import checkpoint as ckpt
+from lowmem.train.checkpoint import latest_checkpoint, list_checkpoints, load_state
+from lowmem.train.metrics import read_metrics
+from lowmem.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lowmem.config import ConfigError
+from lowmem.errors import ConfigError
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import GaloreOptions, GradNormStabilizerOptions, SpamOptions, StableSpamOptions
 from lowmem.optim.registry import parse_optimizer_options

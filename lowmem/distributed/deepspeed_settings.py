@@ -20,11 +20,15 @@ import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from lowmem.config import Config, ConfigError, closest, deep_merge
+from lowmem.config.schema import deep_merge
+from lowmem.errors import ConfigError, closest
+
+if TYPE_CHECKING:
+    from lowmem.train.config import Config
 
 WHERE = "distributed.deepspeed_config"
 ABSENT = object()  # a key the JSON does not hold; as an expected value: the block must not appear

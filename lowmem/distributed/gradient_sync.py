@@ -15,8 +15,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from lowmem.config import ConfigError
-from lowmem.optim.projectors import canonical
+from lowmem.errors import ConfigError
+from lowmem.optim.parts.projectors import canonical
 
 SYNC_MODES = ("full", "projected")
 

@@ -138,3 +138,20 @@ def leave_together() -> Iterator[ExitStatus]:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(outcome.status)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"train.device: '{name}' asked for, but this machine has no {device.type} device; "
+                          "use auto or cpu")
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"train.device: '{name}' asked for, but this machine has {count} {device.type} "
+                          f"device{'s' if count > 1 else ''} (indices 0 to {count - 1})")
+    return device

@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
-from lowmem.config import Config, ConfigError
 from lowmem.distributed.deepspeed_settings import ABSENT, Context, accum_shown, grad_accum_for, lookup, shown
+from lowmem.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lowmem.train.config import Config
 
 
 def _true(value: str) -> bool:

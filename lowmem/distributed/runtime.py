@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowmem.config import Config
 from lowmem.distributed.deepspeed_settings import check_zero3_optimizer, deepspeed_config, grad_accum_for
 from lowmem.distributed.launch import DistContext
 from lowmem.library_output import deepspeed_untested_note
 from lowmem.optim.named_state import load_named_state_dict, named_state_dict
+
+if TYPE_CHECKING:
+    from lowmem.train.config import Config
 
 
 class Runtime:

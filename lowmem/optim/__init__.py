@@ -1,7 +1,8 @@
-"""Optimizer registry and the optimizers it holds. Importing this package registers every optimizer."""
-from lowmem.optim import adamw  # noqa: F401  (registers "adamw", "bnb_adamw8bit")
-from lowmem.optim import presets  # noqa: F401  (registers the pipeline presets)
-from lowmem.optim.registry import (OPTIMIZERS, OptimizerOptions, build_optimizer, optimizer_state_bytes,
-                                   register_optimizer)
+"""Optimizers: the registry (built-in optimizers loaded from its one list), the pipeline optimizer and its parts.
+See README.md here."""
+from lowmem.optim.options import OptimizerOptions
+from lowmem.optim.registry import OPTIMIZERS, build_optimizer, load_built_in, optimizer_state_bytes, register_optimizer
+
+load_built_in()
 
 __all__ = ["OPTIMIZERS", "OptimizerOptions", "build_optimizer", "optimizer_state_bytes", "register_optimizer"]

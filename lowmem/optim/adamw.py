@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.config import ConfigError, closest
-from lowmem.optim.registry import OptimizerOptions, register_optimizer
-from lowmem.optim.storage import STATE_DTYPES, resolve_state_dtype
+from lowmem.errors import ConfigError, closest
+from lowmem.optim.options import OptimizerOptions
+from lowmem.optim.registry import register_optimizer
+from lowmem.optim.state.storage import STATE_DTYPES, resolve_state_dtype
 
 TORCH_STEP_BYTES = 4  # torch AdamW keeps `step` as an fp32 scalar tensor per parameter
 BNB_BLOCK = 256

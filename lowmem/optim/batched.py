@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from lowmem.optim.cores import FIRST, SECOND, bias_correction
-from lowmem.optim.projectors import canonical
-from lowmem.optim.residuals import FIRA_NORM_EPS, DropResidual, FiraResidual
+from lowmem.optim.parts.cores import FIRST, SECOND, bias_correction
+from lowmem.optim.parts.projectors import canonical
+from lowmem.optim.parts.residuals import FIRA_NORM_EPS, DropResidual, FiraResidual
 
 CHUNK_NUMEL = 1 << 24  # elements per foreach call: bounds the temporaries (the denominators) to 64 MiB or one tensor
 

@@ -1,27 +1,11 @@
 """Split a model's parameters into optimizer groups by module-name patterns."""
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
-from lowmem.config import ConfigError
-from lowmem.optim.registry import OptimizerOptions
-
-
-# The attention and MLP projections of each architecture family (module-name substrings), by the model's
-# config.model_type. GPT-2's Conv1D weights (in x out, the transpose of a Linear's) are 2-D matrices like any
-# other: the projectors work on either orientation.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2",
-                     "granite", "cohere"], ["self_attn", "mlp"]),
-    "gpt2": ["attn", "mlp"],
-    "gpt_neox": ["attention", "mlp"],
-    "gptj": ["attn", "mlp"],
-    "opt": ["self_attn", "fc1", "fc2"],
-    "falcon": ["self_attention", "mlp"],
-    "phi": ["self_attn", "mlp"],
-}
+from lowmem.errors import ConfigError
+from lowmem.model.targets import DEFAULT_TARGETS, linear_module_names
+from lowmem.optim.options import OptimizerOptions
 
 
 def target_patterns(model: nn.Module, options: OptimizerOptions) -> list[str]:
@@ -89,15 +73,6 @@ def param_groups(model: nn.Module, options: OptimizerOptions) -> list[dict]:
 def projected_shapes(groups: list[dict]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every weight in a projected group (what `validate_for_model` checks)."""
     return {name: tuple(p.shape) for g in groups if g["projected"] for name, p in zip(g["names"], g["params"])}
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Names of the modules holding a 2-D weight matrix (linears; embeddings excluded), with layer numbers
-    folded into N so that each kind of module is listed once."""
-    names = [re.sub(r"\.\d+\.", ".N.", name) for name, module in model.named_modules()
-             if not isinstance(module, nn.Embedding) and getattr(module, "weight", None) is not None
-             and module.weight.ndim == 2]
-    return list(dict.fromkeys(names))
 
 
 def check_options_against_model(model: nn.Module, options: OptimizerOptions) -> None:

@@ -1,6 +1,6 @@
 """PipelineOptimizer: one torch optimizer for every method lowmem builds from parts.
 
-Per weight, on its canonical (b, a) gradient Gc when it is projected (lowmem.optim.projectors):
+Per weight, on its canonical (b, a) gradient Gc when it is projected (lowmem.optim.parts.projectors):
 
     every update_gap updates: projector.refresh, then moments_on_refresh (keep | reset | rotate)
     R = project(Gc)                 core gradient, r x a
@@ -36,17 +36,16 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+import lowmem.optim.parts.adafactor  # noqa: F401,E402  (registers the adafactor core)
+import lowmem.optim.parts.microadam  # noqa: F401,E402  (registers the microadam core)
 from lowmem.kernels.dispatch import resolve_backend
 from lowmem.optim.batched import BatchedStep
-from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
+from lowmem.optim.parts.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
+from lowmem.optim.parts.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
+from lowmem.optim.parts.residuals import RESIDUALS
+from lowmem.optim.parts.transforms import TransformChain, TransformStep
 from lowmem.optim.pipeline_options import PipelineOptions
-from lowmem.optim.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
-from lowmem.optim.residuals import RESIDUALS
-from lowmem.optim.storage import StoragePolicy, resolve_state_dtype
-from lowmem.optim.transforms import TransformChain, TransformStep
-
-import lowmem.optim.adafactor  # noqa: F401,E402  (registers the adafactor core)
-import lowmem.optim.microadam  # noqa: F401,E402  (registers the microadam core)
+from lowmem.optim.state.storage import StoragePolicy, resolve_state_dtype
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,15 @@ from typing import Collection, Optional
 
 import torch
 
-from lowmem.config import ConfigError, closest
+from lowmem.errors import ConfigError, closest
 from lowmem.kernels.dispatch import BACKENDS, resolve_backend
-from lowmem.optim.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES
-from lowmem.optim.microadam import INDEX_LIMIT
-from lowmem.optim.projectors import BLOCK_ORDERS, PROJECTORS
-from lowmem.optim.registry import OptimizerOptions
-from lowmem.optim.residuals import FIRA_VARIANTS, RESIDUALS
-from lowmem.optim.storage import STATE_DTYPES
-from lowmem.optim.transforms import COMPOSITES, expand, validate_transforms
+from lowmem.optim.options import OptimizerOptions
+from lowmem.optim.parts.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES
+from lowmem.optim.parts.microadam import INDEX_LIMIT
+from lowmem.optim.parts.projectors import BLOCK_ORDERS, PROJECTORS
+from lowmem.optim.parts.residuals import FIRA_VARIANTS, RESIDUALS
+from lowmem.optim.parts.transforms import COMPOSITES, expand, validate_transforms
+from lowmem.optim.state.storage import STATE_DTYPES
 
 NO_PROJECTOR = "none"  # every weight takes the dense path (AdamW-8bit, Adafactor, MicroAdam)
 
@@ -122,7 +122,7 @@ class PipelineOptions(OptimizerOptions):
     # int4 second moment normalized by min(row max, column max) instead of blocks (off: blocks measured better,
     # README "int4_rank1")
     int4_rank1: bool = field(default=False, metadata=INT4)
-    # Adafactor core (lowmem.optim.adafactor); its first moment is betas[0] (0: none)
+    # Adafactor core (lowmem.optim.parts.adafactor); its first moment is betas[0] (0: none)
     adafactor_eps: tuple[float, float] = field(default=(1e-30, 1e-3), metadata=ADAFACTOR)
     clip_threshold: float = field(default=1.0, metadata=ADAFACTOR)
     decay_rate: float = field(default=-0.8, metadata=ADAFACTOR)
@@ -131,7 +131,7 @@ class PipelineOptions(OptimizerOptions):
     warmup_init: bool = field(default=False, metadata=ADAFACTOR)
     # fold the lr into U before the first moment (transformers, GaLoreAdafactor)
     lr_in_first_moment: bool = field(default=False, metadata=ADAFACTOR)
-    # MicroAdam core (lowmem.optim.microadam)
+    # MicroAdam core (lowmem.optim.parts.microadam)
     window: int = field(default=10, metadata=MICROADAM)  # gradients kept
     k_init: float = field(default=0.01, metadata=MICROADAM)  # fraction of each block kept per update
     # elements per top-k block (int16 indices: at most 32768)
@@ -139,7 +139,7 @@ class PipelineOptions(OptimizerOptions):
     ef_block: int = field(default=64, metadata=MICROADAM)  # elements per min/max bucket of the 4-bit error feedback
     # MicroAdam's alpha: fraction of the error feedback added to each update (pretraining)
     ef_alpha: float = field(default=0.0, metadata=MICROADAM)
-    # Gradient transforms (lowmem.optim.transforms): spam_clip | adaclip | adagn | moment_reset |
+    # Gradient transforms (lowmem.optim.parts.transforms): spam_clip | adaclip | adagn | moment_reset |
     # grad_norm_stabilizer, or the combinations spam | stable_spam
     transforms: list[str] = field(default_factory=list, metadata=EVERY_PIPELINE)
     # AdaGN's norm EMA (Stable-SPAM 4-bit: 0.7; GradientStabilizer 0.6)
@@ -154,9 +154,9 @@ class PipelineOptions(OptimizerOptions):
     reset_warmup: int = field(default=0, metadata=MOMENT_RESET)
     # restart Adam's bias correction at a reset (SPAM's code: false)
     reset_bias_correction: bool = field(default=True, metadata=MOMENT_RESET)
-    # Stable-SPAM's code quirk (lowmem.optim.transforms)
+    # Stable-SPAM's code quirk (lowmem.optim.parts.transforms)
     reset_with_old_moments: bool = field(default=False, metadata=MOMENT_RESET)
-    # Stable-SPAM's code quirk (lowmem.optim.transforms)
+    # Stable-SPAM's code quirk (lowmem.optim.parts.transforms)
     transform_steps_follow_reset: bool = field(default=False, metadata=MOMENT_RESET)
     # Stable-SPAM's total_T: cosine annealing of beta1 and gamma1
     anneal_steps: Optional[int] = field(default=None, metadata=ANY_TRANSFORM)

@@ -39,7 +39,7 @@ class GaloreOptions(PipelineOptions):
 
 @dataclass
 class FiraOptions(PipelineOptions):
-    """Fira: GaLore plus the scaled, norm-limited residual (lowmem.optim.residuals.FiraResidual).
+    """Fira: GaLore plus the scaled, norm-limited residual (lowmem.optim.parts.residuals.FiraResidual).
 
     The default `fira_variant: code` is Fira's released code, which produced its published tables and for
     which its lr 0.01 and scale 0.25 were tuned: residual G - alpha P R, phi and the limiter on the

@@ -16,19 +16,18 @@ from __future__ import annotations
 import abc
 import logging
 import zlib
-from typing import Any, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 
 import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from lowmem.config import DataConfig
+from lowmem.data.sources import data_source, document_text, load_source, naming_source, source_names
 from lowmem.errors import DataError
-# Each source's own reading lives in lowmem.sources; these names are imported from here too.
-from lowmem.sources import (PREPARED_META, PREPARED_TOKENIZER, data_source, document_text, embedded_paths,  # noqa: F401
-                            file_format, load_prepared_blocks, load_source, naming_source, prepared_tokenizer_dir,
-                            read_prepared_meta, resolve_files, source_names)
+
+if TYPE_CHECKING:
+    from lowmem.data.config import DataConfig
 
 Split = Literal["train", "eval"]
 TOKENIZE_CHUNK_DOCS = 512  # documents per tokenizer call: large enough for the fast tokenizer's threads
@@ -389,19 +388,6 @@ class StreamingBatches(TrainBatches):
         self.builder.load_state_dict(state["builder"])
 
 
-def build_train_batches(cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: int = 0,
-                        world_size: int = 1) -> TrainBatches:
-    """The training batches of `cfg` for one rank of `world_size`."""
-    if cfg.instruct is not None:
-        from lowmem.instruct import InstructBatches
-
-        return InstructBatches.build(cfg, tokenizer, batch_size, seed, rank, world_size)
-    if cfg.streaming and data_source(cfg).streams:
-        return StreamingBatches(cfg, tokenizer, batch_size, seed, rank, world_size)
-    blocks = list(iter_split_sequences(cfg, tokenizer, "train"))
-    return MapStyleBatches(blocks, cfg.seq_len, batch_size, seed, rank, world_size)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation batches
 
@@ -431,16 +417,3 @@ def take_rows(blocks: Iterable[tuple[np.ndarray, np.ndarray]], max_tokens: int) 
     if not taken_ids:
         return np.empty((0, 0), dtype=np.int32), np.empty(0, dtype=np.int32)
     return np.concatenate(taken_ids), np.concatenate(taken_lengths)
-
-
-def eval_batches(cfg: DataConfig, tokenizer, batch_size: int, max_tokens: int) -> list[dict[str, torch.Tensor]]:
-    """A fixed held-out set: the first rows of the eval split holding ~`max_tokens` target tokens, in
-    batches of `batch_size` (the last one may be smaller). Deterministic."""
-    if cfg.instruct is not None:
-        from lowmem.instruct import instruct_eval_batches
-
-        return instruct_eval_batches(cfg, tokenizer, batch_size, max_tokens)
-    ids, lengths = take_rows(iter_eval_sequences(cfg, tokenizer), max_tokens)
-    if len(ids) == 0:
-        raise DataError(f"the eval split has no documents: {eval_hint(cfg)}")
-    return [make_batch(ids[i:i + batch_size], lengths[i:i + batch_size]) for i in range(0, len(ids), batch_size)]

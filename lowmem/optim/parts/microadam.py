@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from lowmem.optim.cores import Core, CoreStep, register_core
+from lowmem.optim.parts.cores import Core, CoreStep, register_core
 
 EF_LEVELS = 15  # 4-bit codes 0..15
 INDEX_LIMIT = 32768  # int16 block-local indices

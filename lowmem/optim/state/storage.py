@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from lowmem.optim import quantization as q
+from lowmem.optim.state import quantization as q
 
 STATE_DTYPES = ("auto", "fp32", "bf16", "int8", "int4")
 QUANTIZED_BITS = {"int8": 8, "int4": 4}

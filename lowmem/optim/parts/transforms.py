@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from lowmem.config import ConfigError, closest
+from lowmem.errors import ConfigError, closest
 
 SCALAR_BYTES = 4  # one fp32 scalar tensor
 SPAM_WARMUP_START = 0.99  # SPAM's CosineDecay(0.99, warmup): the update scale starts at 1 - 0.99
@@ -247,7 +247,7 @@ class TransformChain:
 
 def validate_transforms(options) -> None:
     """Config-time checks of `optimizer.transforms` against the chosen core and the transform options."""
-    from lowmem.optim.cores import CORES
+    from lowmem.optim.parts.cores import CORES
 
     names = expand(list(options.transforms))
     for name in names:

@@ -1,8 +1,8 @@
-"""LoRA through `peft`: the baseline beside the low-memory optimizers, set with `optimizer.lora`.
+"""LoRA through `peft`: the baseline beside the low-memory optimizers, a model preparation set with `model.lora`.
 
-`optimizer.lora: {r, alpha, dropout, target_modules}` wraps the model with peft's `get_peft_model`: the base
-weights are frozen, and the configured optimizer (AdamW typically) trains the adapters. Any optimizer accepts
-the option, so a study can set LoRA + AdamW beside GaLore on the same model and data.
+`model.lora: {r, alpha, dropout, target_modules}` wraps the model with peft's `get_peft_model`: the base
+weights are frozen, and the configured optimizer (AdamW typically) trains the adapters. Any optimizer trains
+them, so a study can set LoRA + AdamW beside GaLore on the same model and data.
 
 Checkpoints hold both forms: `model/` the merged weights W + (alpha / r) B A as a plain Hugging Face model (what
 `AutoModelForCausalLM.from_pretrained` and `lowmem.export` read), and `adapter/` peft's adapter files, from
@@ -14,39 +14,17 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
 from lowmem.errors import CheckpointError, ConfigError
+from lowmem.model.config import LoraConfig
+from lowmem.model.targets import DEFAULT_TARGETS, linear_module_names
 
 ADAPTER_DIR = "adapter"
 ADAPTER_NAME = "default"
-
-
-@dataclass
-class LoraOptions:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    # Module-name substrings, as optimizer.target_modules; null: the architecture's attention and MLP
-    # projections (lowmem.optim.groups.DEFAULT_TARGETS). Every linear (or GPT-2 Conv1D) inside a match gets an
-    # adapter.
-    target_modules: Optional[list[str]] = None
-
-    def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"optimizer.lora.r: must be at least 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"optimizer.lora.alpha: must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"optimizer.lora.dropout: must be in [0, 1), got {self.dropout}")
-        if self.target_modules is not None and not self.target_modules:
-            raise ConfigError("optimizer.lora.target_modules: list at least one module-name pattern, or null for "
-                              "the architecture's defaults")
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -56,9 +34,8 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
+def target_names(model: nn.Module, options: LoraConfig) -> list[str]:
     """Full names of the linears the adapters go on; ConfigError listing the linears when none matches."""
-    from lowmem.optim.groups import DEFAULT_TARGETS, linear_module_names
 
     patterns = options.target_modules
     if patterns is None:
@@ -68,7 +45,7 @@ def target_names(model: nn.Module, options: LoraOptions) -> list[str]:
     names = [name for name, module in model.named_modules()
              if _adaptable(module) and id(module) not in excluded and any(p in name for p in patterns)]
     if not names:
-        raise ConfigError(f"optimizer.lora.target_modules: {patterns} match no linear layer of the model; its "
+        raise ConfigError(f"model.lora.target_modules: {patterns} match no linear layer of the model; its "
                           f"linear modules are: {', '.join(linear_module_names(model))}")
     return names
 
@@ -81,7 +58,7 @@ def _compact(names: list[str], all_names: list[str]) -> list[str]:
     return suffixes if matched == set(names) else names
 
 
-def apply_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
+def apply_lora(model: nn.Module, options: LoraConfig) -> nn.Module:
     """The model wrapped by peft with adapters on the target linears; only the adapters train."""
     from lowmem.library_output import import_bitsandbytes
 
@@ -146,7 +123,7 @@ def load_adapter(model: nn.Module, checkpoint: Path) -> None:
     path = Path(checkpoint) / ADAPTER_DIR / "adapter_model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{checkpoint}' has no {ADAPTER_DIR}/adapter_model.safetensors: it was "
-                              "not written by a run with optimizer.lora")
+                              "not written by a run with model.lora")
     try:
         weights = load_file(path)
     except Exception as err:  # a damaged file fails in several ways

@@ -24,21 +24,24 @@ utilities; the flash-attention varlen path likewise) then attends within each do
 gives every token the loss it has when its document runs alone (tests/test_finetune.py checks this).
 
 The held-out split is the existing hash split, on each row's JSON text; the training order and its
-checkpointed position are those of `lowmem.data.MapStyleBatches`, so a resumed run continues exactly.
+checkpointed position are those of `lowmem.data.batches.MapStyleBatches`, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
 import json
 import logging
-from typing import ClassVar, Iterator
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import numpy as np
 import torch
 
-from lowmem.config import DataConfig, InstructConfig, Registry
-from lowmem.data import MapStyleBatches, is_held_out
+from lowmem.config.schema import Registry
+from lowmem.data.batches import MapStyleBatches, is_held_out
+from lowmem.data.sources import data_source
 from lowmem.errors import DataError
-from lowmem.sources import data_source
+
+if TYPE_CHECKING:
+    from lowmem.data.config import DataConfig, InstructConfig
 
 log = logging.getLogger(__name__)
 IGNORE = -100

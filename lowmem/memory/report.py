@@ -54,7 +54,7 @@ def format_rank_table(reports: list[dict[str, int]], extra: dict[str, dict[str, 
 def zero_formula(model: torch.nn.Module, total_state_bytes: int, world_size: int, stage: int) -> dict[str, int]:
     """What one rank should hold under ZeRO `stage` (0: plain data parallel): params P (P/N at stage 3),
     gradients G (G/N from stage 2), optimizer state S (S/N from stage 1), from the whole model's sizes."""
-    from lowmem.planner import MemoryPlan
+    from lowmem.memory.plan import MemoryPlan
 
     def whole(p: torch.Tensor) -> int:  # ZeRO-3 leaves an empty tensor in the module; ds_numel is its size
         return getattr(p, "ds_numel", p.numel()) * p.element_size()
@@ -119,11 +119,3 @@ def state_versus_adamw(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     advice = (f"; optimizer.rank={rank} (or the default optimizer.rank=null with density 0.25) would hold less"
               if rank else "")
     return line + f": it saves no memory over AdamW{advice}", True
-
-
-if __name__ == "__main__":  # python -m lowmem.memory: the memory planner
-    import sys
-
-    from lowmem.planner import main
-
-    sys.exit(main())

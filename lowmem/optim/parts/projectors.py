@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from lowmem.optim.cores import adam_math, fresh_copy
+from lowmem.optim.parts.cores import adam_math, fresh_copy
 
 INDEX_BYTES = 8  # int64 indices
 RSVD_OVERSAMPLE = 8  # extra columns randomized SVD samples beyond the rank

@@ -158,9 +158,9 @@ def recover_interrupted_saves(run_dir: Path) -> list[Path]:
 
 
 def write_model(model, directory: Path) -> None:
-    """The model as a plain Hugging Face directory; a LoRA model merged, with its adapter beside (lowmem.lora)."""
+    """The model as a plain Hugging Face directory; a LoRA model merged, with its adapter beside (lowmem.model.lora)."""
     from lowmem.library_output import no_transformers_progress
-    from lowmem.lora import is_lora, save_merged
+    from lowmem.model.lora import is_lora, save_merged
 
     with no_transformers_progress():  # the run's own bar or log line says a checkpoint is written
         if is_lora(model):

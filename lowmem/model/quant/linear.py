@@ -1,7 +1,7 @@
 """Fake-quantized linear layers for quantization-aware training (`model.quant`), and swapping them into a model.
 
 `FakeQuantLinear` is an `nn.Linear` whose forward multiplies the fake-quantized input by the fake-quantized
-weight (`lowmem.fake_quant`). Its parameters are the unquantized master weights, in the training dtype and under
+weight (`lowmem.model.quant.fake`). Its parameters are the unquantized master weights, in the training dtype and under
 the names `weight`/`bias`, so optimizers, state dicts and `save_pretrained` see a plain `nn.Linear`.
 """
 from __future__ import annotations
@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowmem.config import ConfigError, QuantConfig, closest
-from lowmem.fake_quant import linear_grads, quantize_activation, quantize_weight
+from lowmem.errors import ConfigError, closest
 from lowmem.kernels.dispatch import resolve_backend
+from lowmem.model.config import QuantConfig
+from lowmem.model.quant.fake import linear_grads, quantize_activation, quantize_weight
 
 
 def quant_enabled(quant: QuantConfig | None) -> bool:
     return quant is not None and (quant.weights != "none" or quant.activations != "none")
 
 
-REFERENCES = {"weight": quantize_weight, "activation": quantize_activation}  # lowmem.fake_quant's, by operand
+REFERENCES = {"weight": quantize_weight, "activation": quantize_activation}  # lowmem.model.quant.fake's, by operand
 
 
 def _quantize(t: torch.Tensor, kind: str, quant: QuantConfig, stochastic: bool) -> torch.Tensor:
@@ -104,7 +105,7 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def target_linears(model: nn.Module, quant: QuantConfig) -> dict[str, nn.Linear]:
     """The linears `quant` replaces; ConfigError if a pattern matches none, or the group size does not divide the
     hidden size (the input of every projection but the down projection, whose input may take row-crossing
-    groups: lowmem.fake_quant). Works on a meta model."""
+    groups: lowmem.model.quant.fake). Works on a meta model."""
     linears = quantizable_linears(model)
     for pattern in quant.target_modules:
         if not any(pattern in name for name in linears):

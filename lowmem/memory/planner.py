@@ -11,7 +11,7 @@ does; --zero-stage S plans distributed.backend=deepspeed with distributed.zero_s
 Rows: parameters (in the training dtype), gradients (none for weights stepped in backward: only the largest
 one exists at a time), optimizer state by part (projector bases, moments in their storage dtype,
 quantization scales, windows, ...; each optimizer's own formula, equal to the counted bytes after the first
-update), activations saved for backward (lowmem.activations: traced on the meta device, with checkpointing
+update), activations saved for backward (lowmem.memory.activations: traced on the meta device, with checkpointing
 applied), and their total per rank. Under ZeRO the states, gradients and parameters are divided by the
 ranks as its stages do (Rajbhandari et al.: stage 1 shards the optimizer state, 2 the gradients too, 3 the
 parameters too); a matrix's optimizer state is never split (each matrix has one owner rank), so the state
@@ -31,8 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowmem.config import Config, ConfigError, config_from_tree, deep_merge, flatten, load_tree
+from lowmem.config.files import load_tree
+from lowmem.config.schema import deep_merge, flatten
 from lowmem.distributed.deepspeed_settings import check_zero3_optimizer, zero_stage_of
+from lowmem.errors import ConfigError
+from lowmem.memory.plan import MemoryPlan
+from lowmem.train.config import Config, config_from_tree
 
 GPU_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GIB|G|MB|MIB|M|TB|TIB|T)?\s*$", re.IGNORECASE)
 UNIT_BYTES = {"": 2**30, "G": 2**30, "GB": 2**30, "GIB": 2**30, "M": 2**20, "MB": 2**20, "MIB": 2**20,
@@ -45,40 +49,6 @@ def parse_gpu_size(text: str) -> int:
     if not match:
         raise ConfigError(f"--gpu: cannot read '{text}' as a memory size; write it like 24GB, 80GB or 40GiB")
     return int(float(match.group(1)) * UNIT_BYTES[(match.group(2) or "").upper()])
-
-
-@dataclass
-class MemoryPlan:
-    parameters: int
-    gradients: int
-    optimizer_parts: dict[str, int]
-    activations: int
-    world_size: int = 1
-    zero_stage: int = 0
-    largest_weight_state: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def optimizer(self) -> int:
-        return sum(self.optimizer_parts.values())
-
-    def per_rank(self) -> dict[str, int]:
-        """Each row on one rank under the ZeRO stage (stage 0: every rank holds everything)."""
-        n, stage = self.world_size, self.zero_stage
-        optimizer = self.optimizer if stage < 1 else math.ceil(self.optimizer / n) + self.largest_weight_state
-        return {
-            "parameters": self.parameters if stage < 3 else math.ceil(self.parameters / n),
-            "gradients": self.gradients if stage < 2 else math.ceil(self.gradients / n),
-            "optimizer state": min(optimizer, self.optimizer),
-            "activations": self.activations,
-        }
-
-    def total(self) -> int:
-        return sum(self.per_rank().values())
-
-    def as_dict(self) -> dict:
-        return {"per_rank": self.per_rank(), "total_per_rank": self.total(), "optimizer_parts": self.optimizer_parts,
-                "world_size": self.world_size, "zero_stage": self.zero_stage, "notes": self.notes}
 
 
 def _vocab_size(config: Config, notes: list[str]) -> int | None:
@@ -98,15 +68,15 @@ def _vocab_size(config: Config, notes: list[str]) -> int | None:
 
 def plan_memory(config: Config, world_size: int = 1, zero_stage: int = 0) -> MemoryPlan:
     """Predict a run's memory per rank from its config, on the meta device."""
-    from lowmem.activations import saved_activation_bytes
-    from lowmem.model import build_meta_model, prepare_for_training, weight_dtype
+    from lowmem.memory.activations import saved_activation_bytes
+    from lowmem.model.build import build_meta_model, prepare_for_training, weight_dtype
     from lowmem.optim import build_optimizer
 
     notes: list[str] = []
     model = build_meta_model(config.model, _vocab_size(config, notes)).to(weight_dtype(config.model,
                                                                                        config.train.precision))
     # Frozen weights have no gradient and no state; LoRA adds its adapters (their state is the optimizer's).
-    model = prepare_for_training(model, config.model, config.optimizer)
+    model = prepare_for_training(model, config.model)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     optimizer = build_optimizer(model, config.optimizer)
@@ -144,16 +114,16 @@ def _name_of(group: dict, param: torch.Tensor) -> str | None:
 
 def measure_one_update(config: Config) -> dict[str, int]:
     """Counted bytes after one real update on random tokens (and the CUDA peak on a GPU)."""
-    from lowmem.activations import saved_activation_bytes
-    from lowmem.memory import memory_report
-    from lowmem.model import build_model, prepare_for_training, weight_dtype
+    from lowmem.distributed.launch import pick_device
+    from lowmem.memory.activations import saved_activation_bytes
+    from lowmem.memory.report import memory_report
+    from lowmem.model.build import build_model, prepare_for_training, weight_dtype
     from lowmem.optim import build_optimizer
-    from lowmem.trainer import pick_device
 
     device = pick_device(config.train.device)
     vocab = _vocab_size(config, []) or 32000
     model = build_model(config.model, vocab, device, weight_dtype(config.model, config.train.precision))
-    model = prepare_for_training(model, config.model, config.optimizer)
+    model = prepare_for_training(model, config.model)
     optimizer = build_optimizer(model, config.optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -172,7 +142,7 @@ def measure_one_update(config: Config) -> dict[str, int]:
 
 
 def format_plan(plan: MemoryPlan, gpu_sizes: list[tuple[str, int]], measured: dict[str, int] | None) -> str:
-    from lowmem.memory import format_bytes
+    from lowmem.memory.report import format_bytes
 
     rows = plan.per_rank()
     lines = [f"memory per rank ({plan.world_size} rank{'s' if plan.world_size > 1 else ''}, "

@@ -7,24 +7,20 @@ Model vocabulary sizes must come from `len(tokenizer)`, which counts the added s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lowmem.config import ConfigError, BPEConfig, DataConfig, TokenizerConfig
-from lowmem.data import iter_documents
-from lowmem.errors import CheckpointError, DataError, error_summary
-from lowmem.sources import data_source
+from lowmem.data.batches import iter_documents
+from lowmem.data.sources import data_source, holds_tokenizer
+from lowmem.errors import CheckpointError, ConfigError, DataError, error_summary
+
+if TYPE_CHECKING:
+    from lowmem.data.config import BPEConfig, DataConfig, TokenizerConfig
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-
-
-def holds_tokenizer(directory: str | Path) -> bool:
-    """Whether `directory` holds a tokenizer written by `save_pretrained`."""
-    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def build_tokenizer(cfg: TokenizerConfig, data_cfg: DataConfig,

@@ -19,23 +19,25 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from lowmem import checkpoint as ckpt
 from lowmem import library_output
-from lowmem.config import Config, ConfigError, config_changes, flatten
-from lowmem.data import build_train_batches, eval_batches, eval_hint
-from lowmem.sources import data_source
+from lowmem.config.schema import flatten
+from lowmem.data.batches import eval_hint
+from lowmem.data.loaders import build_train_batches, eval_batches
+from lowmem.data.sources import data_source, holds_tokenizer
+from lowmem.data.tokenizer import build_tokenizer, load_saved_tokenizer
 from lowmem.distributed import launch
 from lowmem.distributed.runtime import RUNTIMES
-from lowmem.errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
-from lowmem.memory import format_memory_table, format_rank_table, memory_report, state_versus_adamw, zero_formula
-from lowmem.metrics import MetricsLog
-from lowmem.model import build_meta_model, build_model, count_parameters, prepare_for_training, weight_dtype
+from lowmem.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
+from lowmem.memory.report import format_memory_table, format_rank_table, memory_report, state_versus_adamw, zero_formula
+from lowmem.model.build import build_meta_model, build_model, count_parameters, prepare_for_training, weight_dtype
 from lowmem.optim import build_optimizer
 from lowmem.optim.groups import check_options_against_model
 from lowmem.optim.in_backward import UpdateInBackward
-from lowmem.rundir import RunLock, StopOnSignal
-from lowmem.schedule import build_scheduler
-from lowmem.tokenizer import build_tokenizer, holds_tokenizer, load_saved_tokenizer
+from lowmem.train import checkpoint as ckpt
+from lowmem.train.config import Config, config_changes
+from lowmem.train.metrics import MetricsLog
+from lowmem.train.rundir import RunLock, StopOnSignal
+from lowmem.train.schedule import build_scheduler
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted"]
 
@@ -44,23 +46,6 @@ __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted"]
 RESUMABLE_CHANGES = ("run.name", "run.out_dir", "checkpoint.", "log.", "train.max_steps", "train.max_tokens",
                      "train.eval_every", "train.eval_tokens", "train.eval_batch_size", "train.log_every",
                      "train.device", "distributed.")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cpu":
-        return device
-    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
-    count = backend.device_count() if backend is not None and backend.is_available() else 0
-    if count == 0:
-        raise ConfigError(f"train.device: '{name}' asked for, but this machine has no {device.type} device; "
-                          "use auto or cpu")
-    if device.index is not None and device.index >= count:
-        raise ConfigError(f"train.device: '{name}' asked for, but this machine has {count} {device.type} "
-                          f"device{'s' if count > 1 else ''} (indices 0 to {count - 1})")
-    return device
 
 
 def check_resume_config(saved: dict, current: dict, path: Path) -> None:
@@ -92,7 +77,7 @@ class Trainer:
         library_output.quiet_accelerator_probe()
         library_output.set_library_progress(config.log.progress)
         _, local_rank, _ = launch.launcher_world()
-        self.device = pick_device(launch.device_for(config.train.device, local_rank))
+        self.device = launch.pick_device(launch.device_for(config.train.device, local_rank))
         self.dist = launch.init(config.distributed.backend, config.distributed.timeout_s, self.device)
         if not self.dist.is_main:  # only rank 0 speaks; errors still reach stderr
             sys.stdout = open(os.devnull, "w")
@@ -126,12 +111,12 @@ class Trainer:
                               f"ranks; set it to false to train on several ranks")
         # Weights before the backend copies them (DeepSpeed's fp32 partitions). A LoRA run continues from the
         # base weights of model.pretrained, which it never changes, and the checkpoint's adapter.
-        lora = cfg.optimizer.lora is not None
+        lora = cfg.model.lora is not None
         if self.resume_from is not None and not lora:
             ckpt.load_model_weights(model, self.resume_from)
-        model = prepare_for_training(model, cfg.model, cfg.optimizer)
+        model = prepare_for_training(model, cfg.model)
         if self.resume_from is not None and lora:
-            from lowmem.lora import load_adapter
+            from lowmem.model.lora import load_adapter
 
             load_adapter(model, self.resume_from)
         self.grad_accum = self.runtime.grad_accum()
@@ -212,7 +197,7 @@ class Trainer:
         the tokenizer or any weight is built. The projected weights' shapes do not depend on the vocabulary,
         so a placeholder size serves. Returns a pretrained model's embedding rows."""
         meta = build_meta_model(self.config.model, self.config.model.vocab_size or 32000)
-        meta = prepare_for_training(meta, self.config.model, self.config.optimizer)  # freeze / LoRA errors first
+        meta = prepare_for_training(meta, self.config.model)  # freeze / LoRA errors first
         check_options_against_model(meta, self.config.optimizer)
         max_positions = meta.config.max_position_embeddings
         if self.config.data.seq_len > max_positions:

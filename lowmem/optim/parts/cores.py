@@ -1,11 +1,11 @@
 """Core updates: the rule that turns a (projected or dense) gradient into a direction, with its state.
 
-A core keeps its moments through a `Storage` (fp32, bf16, int8, int4; lowmem.optim.storage), so every core
+A core keeps its moments through a `Storage` (fp32, bf16, int8, int4; lowmem.optim.state.storage), so every core
 runs with every state_dtype and every projector. The registry `CORES` holds
 
     adam       Adam moments, GaLore's or torch's eps/weight-decay convention
-    adafactor  factored second moment (lowmem.optim.adafactor)
-    microadam  a window of compressed sparse gradients (lowmem.optim.microadam)
+    adafactor  factored second moment (lowmem.optim.parts.adafactor)
+    microadam  a window of compressed sparse gradients (lowmem.optim.parts.microadam)
 
 The math of each core lives in one plain fp32 function (e.g. `adam_math`) that a fused kernel can
 replace; the core only reads and writes its stored state around it.
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lowmem.optim.storage import Storage, StoragePolicy
+from lowmem.optim.state.storage import Storage, StoragePolicy
 
 FIRST, SECOND = "exp_avg", "exp_avg_sq"
 

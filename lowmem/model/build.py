@@ -3,25 +3,12 @@ from __future__ import annotations
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from lowmem.config import MODEL_SHAPE_KEYS, ConfigError, ModelConfig, closest
-from lowmem.errors import error_summary
-from lowmem.quant_linear import apply_fake_quant
-
-# Shapes of the GaLore/Fira/OSD benchmark configs (vocab 32000, untied head, RMSNorm eps 1e-6, no biases).
-MODEL_PRESETS: dict[str, dict] = {
-    "llama_9m": dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=4),
-    "llama_20m": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4),
-    "llama_35m": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=8, num_hidden_layers=6),
-    "llama_60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
-    "llama_130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
-    "llama_350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
-    "llama_1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
-    "llama_7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
-                     max_position_embeddings=2048),
-}
+from lowmem.errors import ConfigError, closest, error_summary
+from lowmem.model.config import MODEL_SHAPE_KEYS, ModelConfig
+from lowmem.model.presets import MODEL_PRESETS
+from lowmem.model.quant.linear import apply_fake_quant
 
 PRESET_COMMON = dict(vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.02,
                      hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
@@ -125,17 +112,16 @@ def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
     return saved if isinstance(saved, torch.dtype) else torch.float32
 
 
-def prepare_for_training(model: PreTrainedModel, cfg: ModelConfig, optimizer_options) -> PreTrainedModel:
-    """Freeze `model.freeze`, then wrap the model with LoRA adapters when `optimizer.lora` is set (the returned
+def prepare_for_training(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """Freeze `model.freeze`, then wrap the model with LoRA adapters when `model.lora` is set (the returned
     model is then a peft model). Works on a meta-device model too, for the planner."""
-    from lowmem.freeze import freeze
+    from lowmem.model.freeze import freeze
 
     freeze(model, cfg.freeze)
-    lora = getattr(optimizer_options, "lora", None)
-    if lora is not None:
-        from lowmem.lora import apply_lora
+    if cfg.lora is not None:
+        from lowmem.model.lora import apply_lora
 
-        model = apply_lora(model, lora)
+        model = apply_lora(model, cfg.lora)
     return model
 
 

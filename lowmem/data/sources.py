@@ -7,7 +7,7 @@ instruction rows, token rows with a tokenizer of their own). The config, the dat
 the trainer ask the class and never compare source names.
 
 Adding a source is one new `DataSource` subclass with a `name`, registered with `@register_source`: configs
-accept its name from then on. (Instruction formats are registered the same way in lowmem.instruct.)
+accept its name from then on. (Instruction formats are registered the same way in lowmem.data.instruct.)
 """
 from __future__ import annotations
 
@@ -21,16 +21,17 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import numpy as np
 
-from lowmem.config import Registry
+from lowmem.config.schema import Registry
 from lowmem.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import datasets
 
-    from lowmem.config import DataConfig
+    from lowmem.data.config import DataConfig
 
 PREPARED_META = "meta.json"
 PREPARED_TOKENIZER = "tokenizer"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what save_pretrained writes
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -480,8 +481,6 @@ class PreparedSource(DataSource):
         return load_prepared_blocks(self.cfg, tokenizer, split)
 
     def tokenizer_dir(self) -> Path:
-        from lowmem.tokenizer import holds_tokenizer
-
         directory = prepared_tokenizer_dir(self.cfg)
         if not holds_tokenizer(directory):
             raise DataError(f"data.path: '{self.cfg.path}' has no tokenizer in {directory} (its ids are fixed in "
@@ -494,3 +493,8 @@ class PreparedSource(DataSource):
     def eval_hint(self) -> str:
         return (f"the prepared data in '{self.cfg.path}' has no eval rows; write it again with data/prepare.py "
                 "--eval-tokens")
+
+
+def holds_tokenizer(directory: str | Path) -> bool:
+    """Whether `directory` holds a tokenizer written by `save_pretrained`."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)

@@ -28,8 +28,8 @@ import math
 
 import torch
 
-from lowmem.optim.cores import FIRST, SECOND, Core, CoreStep, moment_parts, register_core
-from lowmem.optim.storage import QuantizedStorage
+from lowmem.optim.parts.cores import FIRST, SECOND, Core, CoreStep, moment_parts, register_core
+from lowmem.optim.state.storage import QuantizedStorage
 
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
 RELATIVE_STEP_CAP = 1e-2

@@ -1,0 +1,1 @@
+"""Fake-quantized (QAT) linear layers: the quantizers (fake) and the layers that use them (linear)."""
