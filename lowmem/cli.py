@@ -11,9 +11,9 @@ others too.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING
 
+from lowmem.console import log
 from lowmem.distributed import launch
 from lowmem.errors import REPORTED, TrainingDiverged, report_line
 from lowmem.train.config import load_config
@@ -53,12 +53,12 @@ def _run(args: argparse.Namespace) -> int:
             when = f"after step {trainer.step}" if trainer is not None else "before training began"
             line += f" {when}, stopped at once" + (f"; {_last_good(trainer)}" if trainer is not None else "")
         if launch.reports_here(err):  # on many ranks, once
-            print(line, file=sys.stderr)
+            log.warning(line)
         else:
             launch.wait_for_the_reporter()
         return status
     if "eval_ppl" in final:
-        print(f"done: step {final['step']}, eval loss {final['eval_loss']:.4f}, eval perplexity "
+        log.info(f"done: step {final['step']}, eval loss {final['eval_loss']:.4f}, eval perplexity "
               f"{final['eval_ppl']:.2f}; run directory {trainer.run_dir}")
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from lowmem.console import log
 from lowmem.config.schema import from_dict
 from lowmem.errors import REPORTED, CheckpointError, ConfigError, EnvironmentProblem, os_error_text, report
 from lowmem.library_output import quiet_accelerator_probe
@@ -58,7 +59,7 @@ def resolve_checkpoint(path: Path) -> Path:
         if found is None:
             raise CheckpointError(f"run directory '{path}' holds no checkpoint that loads with finite weights; "
                                   f"pass a checkpoints/step_XXXXXXXX directory")
-        print(f"exporting {found}, the newest good checkpoint of the run directory {path}")
+        log.info(f"exporting {found}, the newest good checkpoint of the run directory {path}")
         return found
     if not (path / "model").is_dir() or not (path / "state.pt").is_file():
         raise ConfigError(f"'{path}' is not a complete checkpoint (needs model/ and state.pt); pass a "
@@ -90,7 +91,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, fake_quant: bool = False
                               f"({ckpt.error_reason(err)})") from err
     if quant is not None:
         names = fake_quantize_weights(model, quant)
-        print(f"fake-quantized the {quant.weights} weights of {len(names)} linears (group size {quant.group_size})")
+        log.info(f"fake-quantized the {quant.weights} weights of {len(names)} linears (group size {quant.group_size})")
     created = not out_dir.exists()
     try:
         ckpt.write_model(model, out_dir)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export(args.checkpoint, args.out_dir, args.fake_quant)
     except REPORTED as err:
         return report(err)
-    print(f"wrote {out}")
+    log.info(f"wrote {out}")
     return 0
 
 

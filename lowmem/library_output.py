@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Iterator
 
+from lowmem.console import log
+
 UNTESTED_OPTIMIZER = "untested optimizer"
 BNB_HUB_KERNEL = "Failed to load CPU gemm_4bit_forward"
 TESTED_UNDER_ZERO = ("note: DeepSpeed calls lowmem's optimizer untested; lowmem checks every registered optimizer "
@@ -95,7 +97,7 @@ class _ReplaceUntestedWarning(logging.Filter):
         if UNTESTED_OPTIMIZER not in record.getMessage():
             return True
         if self.announce:
-            print(TESTED_UNDER_ZERO, file=sys.stderr)
+            log.warning(TESTED_UNDER_ZERO)
             self.announce = False
         return False
 

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import yaml
 
+from lowmem.console import log
 from lowmem.config.files import apply_override, read_yaml_tree
 from lowmem.config.schema import deep_merge, from_dict
 from lowmem.errors import REPORTED, ConfigError, TrainingDiverged, TrainingInterrupted, report
@@ -265,7 +266,7 @@ def run_one(run_name: str, config: Config) -> dict:
     try:
         Trainer(config).fit()
     except TrainingDiverged as err:
-        print(f"{run_name} diverged: {err}; the study goes on", file=sys.stderr)
+        log.warning(f"{run_name} diverged: {err}; the study goes on")
         diverged = err
     row = summarize(run_name, config, time.perf_counter() - start, diverged)
     (config.run_dir / RESULT_FILE).write_text(json.dumps({"row": row, "config": _config_key(config)}))
@@ -288,9 +289,9 @@ def run_study(path: str | Path, overrides: list[str] = ()) -> list[dict]:
     for i, (run_name, config) in enumerate(configs.items(), start=1):
         row = finished_row(config)
         if row is not None:
-            print(f"[{i}/{len(configs)}] {run_name}: already done, skipped")
+            log.info(f"[{i}/{len(configs)}] {run_name}: already done, skipped")
         else:
-            print(f"[{i}/{len(configs)}] {run_name}: optimizer {config.optimizer.name}")
+            log.info(f"[{i}/{len(configs)}] {run_name}: optimizer {config.optimizer.name}")
             row = run_one(run_name, config)
         rows.append(row)
         done = {name: configs[name] for name in (r["run"] for r in rows)}

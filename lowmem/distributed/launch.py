@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from lowmem.console import log
 from lowmem.errors import ConfigError, error_summary
 
 
@@ -129,10 +130,10 @@ def leave_together() -> Iterator[ExitStatus]:
         outcome.status = stop.code if isinstance(stop.code, int) else 1
     except BaseException as error:  # noqa: BLE001 (every failure must end this rank, whatever it is)
         if collective_failed(error):  # the rank that left printed why; this one only says it followed
-            print(f"rank {launcher_world()[0]} stopped: a collective failed, another rank has ended or hangs (its "
-                  f"own message says why): {error_summary(error)}", file=sys.stderr)
+            log.error(f"rank {launcher_world()[0]} stopped: a collective failed, another rank has ended or hangs (its "
+                      f"own message says why): {error_summary(error)}")
         else:
-            print(f"rank {launcher_world()[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            log.error(f"rank {launcher_world()[0]} failed: {type(error).__name__}: {error}")
             traceback.print_exc(file=sys.stderr)
         outcome.status = 1
     sys.stdout.flush()

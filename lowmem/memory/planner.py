@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
-from dataclasses import dataclass, field
 
 import torch
 

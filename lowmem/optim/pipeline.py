@@ -36,8 +36,6 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-import lowmem.optim.parts.adafactor  # noqa: F401,E402  (registers the adafactor core)
-import lowmem.optim.parts.microadam  # noqa: F401,E402  (registers the microadam core)
 from lowmem.kernels.dispatch import resolve_backend
 from lowmem.optim.batched import BatchedStep
 from lowmem.optim.parts.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext

@@ -17,8 +17,10 @@ from lowmem.config import from_dict
 from lowmem.errors import ConfigError, closest
 from lowmem.optim.options import OptimizerOptions
 
-# The modules that register the built-in optimizers, imported by load_built_in (lowmem.optim does on import).
-BUILT_IN = ("lowmem.optim.adamw", "lowmem.optim.presets")
+# The modules that register the built-in parts (cores beyond Adam) and optimizers: the one list of them,
+# imported by load_built_in (which importing lowmem.optim, or any module under it, runs first).
+BUILT_IN = ("lowmem.optim.parts.adafactor", "lowmem.optim.parts.microadam", "lowmem.optim.adamw",
+            "lowmem.optim.presets")
 
 
 Builder = Callable[[list[dict], OptimizerOptions], torch.optim.Optimizer]
@@ -44,7 +46,7 @@ def register_optimizer(name: str, options: type[OptimizerOptions]) -> Callable[[
 
 
 def load_built_in() -> None:
-    """Register the built-in optimizers (once; importing a module twice does nothing)."""
+    """Register the built-in parts and optimizers (once; importing a module twice does nothing)."""
     for module in BUILT_IN:
         importlib.import_module(module)
 

@@ -2,7 +2,8 @@
 
 Layout of one checkpoint directory `checkpoints/step_00000100/`:
     model/       config.json, model.safetensors, tokenizer files  (AutoModelForCausalLM.from_pretrained reads it)
-    state.pt     optimizer, scheduler, RNG, data position, trainer counters  (torch.load(weights_only=True))
+    state.pt     optimizer, scheduler, RNG, data position, trainer counters, config  (torch.load(weights_only=True)),
+                 one entry per Stateful part the trainer lists (Trainer.parts)
 A checkpoint is written under a temporary name and renamed when complete, so an interrupted write never
 replaces or damages the previous one. A directory is a checkpoint only when both parts are there; whether
 they load (and hold finite weights) is checked by `verify_checkpoint` / `last_good_checkpoint`.
@@ -14,8 +15,9 @@ import os
 import pickle
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,7 +28,47 @@ from lowmem.errors import OUT_OF_SPACE, CheckpointError, EnvironmentProblem, err
 CHECKPOINT_PREFIX = "step_"
 TEMP_PREFIX = ".tmp-"
 ABANDONED_PREFIX = "abandoned-"
-STATE_KEYS = ("optimizer", "scheduler", "data_ranks", "rng", "trainer", "config")
+# What every reader of a state.pt relies on: the counters and the config it was made with. The trainer's other
+# parts (optimizer, scheduler, data position, RNG) are its own mapping of Stateful parts (Trainer.parts).
+STATE_KEYS = ("trainer", "config")
+
+
+class Stateful(Protocol):
+    """A checkpointed part: what it saves (tensors, numbers, strings, lists and dicts of them) and restores."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@dataclass
+class StateOf:
+    """A Stateful part made of two callables, for state that lives in several objects or must be gathered
+    (the data position of every rank, the RNGs); `load` None: recorded only (the config, checked on resume)."""
+
+    save: Callable[[], Any]
+    load: Optional[Callable[[Any], None]] = None
+
+    def state_dict(self) -> Any:
+        return self.save()
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.load is not None:
+            self.load(state)
+
+
+def save_parts(parts: dict[str, Stateful]) -> dict[str, Any]:
+    """state.pt's contents: each part's state under its name, in order (every rank calls each part)."""
+    return {name: part.state_dict() for name, part in parts.items()}
+
+
+def restore_parts(parts: dict[str, Stateful], state: dict[str, Any], path: Path) -> None:
+    """Load each part from its saved state; CheckpointError naming the checkpoint when a part is missing."""
+    missing = [name for name in parts if name not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}': state.pt lacks {', '.join(missing)}")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from lowmem.config import deep_merge, flatten, from_dict, load_tree, not_a_file, require, to_dict
+from lowmem.config import flatten, from_dict, load_tree, not_a_file, require, to_dict
 from lowmem.data.config import BPEConfig, DataConfig, TokenizerConfig
 from lowmem.distributed import deepspeed_settings as ds
 from lowmem.distributed.config import DistributedConfig
@@ -237,8 +237,8 @@ def _check_distributed(config: Config, world: int) -> None:
     if d.deepspeed_config is not None:
         require(Path(d.deepspeed_config).is_file(),
                 f"distributed.deepspeed_config: file '{d.deepspeed_config}' {not_a_file(Path(d.deepspeed_config))}")
-        require(d.backend != "ddp", f"distributed.deepspeed_config: set, but distributed.backend is 'ddp', which "
-                                    f"would ignore it; set distributed.backend=deepspeed (or auto under "
+        require(d.backend != "ddp", "distributed.deepspeed_config: set, but distributed.backend is 'ddp', which "
+                                    "would ignore it; set distributed.backend=deepspeed (or auto under "
                                     "accelerate launch --use_deepspeed)")
         user = ds.read_json(d.deepspeed_config)
         ds.check_file(config, world, user)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +17,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from lowmem import library_output
+from lowmem import console, library_output
+from lowmem.console import log
 from lowmem.config.schema import flatten
 from lowmem.data.batches import eval_hint
 from lowmem.data.loaders import build_train_batches, eval_batches
@@ -79,8 +78,7 @@ class Trainer:
         _, local_rank, _ = launch.launcher_world()
         self.device = launch.pick_device(launch.device_for(config.train.device, local_rank))
         self.dist = launch.init(config.distributed.backend, config.distributed.timeout_s, self.device)
-        if not self.dist.is_main:  # only rank 0 speaks; errors still reach stderr
-            sys.stdout = open(os.devnull, "w")
+        console.configure(self.dist.is_main)  # only rank 0 speaks; every rank's warnings and errors reach stderr
         self.runtime = RUNTIMES[self.dist.backend](self.dist, config)
         self._lock = RunLock(self.run_dir)
         if self.dist.is_main:
@@ -134,13 +132,14 @@ class Trainer:
         self.eval_set = every_rank[self.dist.rank::self.dist.world_size]  # the ranks sum their parts
         self.step = 0
         self.tokens_seen = 0
+        self.parts = self._parts()
         if self.resume_from is not None:
             self._restore(self.resume_from, resume_state)
             del resume_state
             if self.dist.is_main:  # once: the other ranks wait at the barrier, then see the same directory
                 moved = ckpt.set_aside_newer(self.run_dir, self.step)
                 if moved is not None:
-                    print(f"moved the checkpoints after step {self.step} (a run this one replaces, or ones that "
+                    log.info(f"moved the checkpoints after step {self.step} (a run this one replaces, or ones that "
                           f"cannot be loaded) to {moved}")
             self.runtime.barrier()
 
@@ -156,7 +155,7 @@ class Trainer:
         checkpoint that loads, warning about each newer one that does not."""
         if self.dist.is_main:  # the lock holder finishes what a killed save left, before anything is listed
             for path in ckpt.recover_interrupted_saves(self.run_dir):
-                print(f"restored the checkpoint {path}, which a save killed while replacing it had set aside")
+                log.info(f"restored the checkpoint {path}, which a save killed while replacing it had set aside")
         self.runtime.barrier()
         resume = self.config.checkpoint.resume
         if resume is None:
@@ -175,7 +174,7 @@ class Trainer:
                 return path, self._load_resume_state(path)
             except CheckpointError as err:
                 then = "falling back to the checkpoint before it" if path != candidates[0] else "no older one left"
-                print(f"warning: {err}; {then}", file=sys.stderr)
+                log.warning(f"warning: {err}; {then}")
         if candidates:
             raise CheckpointError(f"checkpoint.resume: none of the {len(candidates)} checkpoints in "
                                   f"{ckpt.checkpoint_dir(self.run_dir)} can be loaded (see the warnings above); "
@@ -230,31 +229,37 @@ class Trainer:
             return t.max_steps
         return max(1, math.ceil(t.max_tokens / (self.global_batch * d.seq_len)))
 
+    @property
+    def progress(self) -> dict[str, int]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size}
+
+    def _set_progress(self, saved: dict[str, int]) -> None:
+        self.step, self.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
+
+    def _parts(self) -> dict[str, ckpt.Stateful]:
+        """Everything a checkpoint holds besides the weights, by name: the one list that saving and restoring
+        walk. The optimizer state is keyed by parameter name (it loads on any number of ranks); the data
+        position is every rank's, gathered on rank 0."""
+        return {
+            "optimizer": ckpt.StateOf(self.runtime.optimizer_state, self.runtime.load_optimizer_state),
+            "scheduler": self.scheduler,
+            "data_ranks": ckpt.StateOf(lambda: self.runtime.gather(self.train_batches.state_dict()),
+                                       self.train_batches.restore),
+            "rng": ckpt.StateOf(ckpt.rng_state, ckpt.set_rng_state),
+            "trainer": ckpt.StateOf(lambda: self.progress, self._set_progress),
+            "config": ckpt.StateOf(self.config.to_dict),  # recorded; compared before resuming (check_resume_config)
+        }
+
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         """Everything but the weights (loaded before the backend wrapped the model)."""
-        self.runtime.load_optimizer_state(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_batches.restore(state["data_ranks"])
-        ckpt.set_rng_state(state["rng"])
-        self.step = int(state["trainer"]["step"])
-        self.tokens_seen = int(state["trainer"]["tokens_seen"])
-        print(f"resumed from {path} at step {self.step}")
+        ckpt.restore_parts(self.parts, state, path)
+        log.info(f"resumed from {path} at step {self.step}")
 
     def training_state(self) -> dict[str, Any] | None:
         """Everything but the weights, on rank 0 (None elsewhere); every rank must call it (the optimizer state
         and the data positions are gathered)."""
-        optimizer = self.runtime.optimizer_state()
-        data_ranks = self.runtime.gather(self.train_batches.state_dict())
-        if not self.dist.is_main:
-            return None
-        return {
-            "optimizer": optimizer,  # by parameter name: loads on any number of ranks
-            "scheduler": self.scheduler.state_dict(),
-            "data_ranks": data_ranks,
-            "rng": ckpt.rng_state(),
-            "trainer": {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size},
-            "config": self.config.to_dict(),
-        }
+        state = ckpt.save_parts(self.parts)
+        return state if self.dist.is_main else None
 
     def save(self) -> Path:
         """Write a checkpoint of this step, unless a weight or an optimizer state tensor is not finite (on any
@@ -362,16 +367,19 @@ class Trainer:
         cfg = self.config
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         counts = count_parameters(self.model)
-        print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
+        log.info(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
               f"non-embedding), optimizer: {cfg.optimizer.name}, {self.total_steps} updates, device {self.device}")
         if self.dist.distributed:
-            print(f"distributed: {self.dist.backend} on {self.dist.world_size} ranks, global batch "
+            log.info(f"distributed: {self.dist.backend} on {self.dist.world_size} ranks, global batch "
                   f"{self.global_batch} sequences = {cfg.train.batch_size} x {self.grad_accum} accumulation x "
                   f"{self.dist.world_size} ranks")
         state_line, saves_nothing = state_versus_adamw(self.model, self.runtime.rules, cfg.optimizer)
-        print(("warning: " if saves_nothing else "") + state_line, file=sys.stderr if saves_nothing else sys.stdout)
+        if saves_nothing:
+            log.warning("warning: " + state_line)
+        else:
+            log.info(state_line)
         if self.step >= end:
-            print(f"already at step {self.step} of {self.total_steps}: nothing to train, evaluating")
+            log.info(f"already at step {self.step} of {self.total_steps}: nothing to train, evaluating")
             return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
         batches = iter(self.train_batches)
         progress = tqdm(total=end, initial=self.step, disable=not (cfg.log.progress and self.dist.is_main),
@@ -427,12 +435,12 @@ class Trainer:
         if not self.dist.is_main:
             return
         if len(reports) == 1:
-            print("memory (tensor bytes after the first update):\n" + format_memory_table(report))
+            log.info("memory (tensor bytes after the first update):\n" + format_memory_table(report))
             self.metrics.log({"step": self.step, "event": "memory", **report})
             return
         stage = getattr(self.runtime, "stage", 0)  # DDP keeps everything on every rank, as stage 0
         state = sum(r["optimizer_state_bytes"] for r in reports) if stage >= 1 else report["optimizer_state_bytes"]
         formula = zero_formula(self.model, state, self.dist.world_size, stage)
-        print(f"memory per rank (tensor bytes after the first update, {self.dist.backend}):\n" + format_rank_table(reports, {f"ZeRO-{stage} formula": formula}))
+        log.info(f"memory per rank (tensor bytes after the first update, {self.dist.backend}):\n" + format_rank_table(reports, {f"ZeRO-{stage} formula": formula}))
         self.metrics.log({"step": self.step, "event": "memory", **report, "ranks": reports,
                           "zero_formula": formula})

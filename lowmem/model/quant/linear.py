@@ -6,7 +6,6 @@ the names `weight`/`bias`, so optimizers, state dicts and `save_pretrained` see 
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
