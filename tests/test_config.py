@@ -251,3 +251,12 @@ def dataclasses_differences(a, b) -> set[str]:
     import dataclasses
 
     return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+
+
+def test_lora_under_the_optimizer_is_refused_naming_model_lora():
+    with pytest.raises(ConfigError, match=r"optimizer\.lora: .*model\.lora"):
+        load_config(None, ["optimizer.lora.r=8"])
+    config = load_config(None, ["model.lora.r=4"])
+    assert config.model.lora.r == 4 and not hasattr(config.optimizer, "lora")
+    with pytest.raises(ConfigError, match=r"model\.lora\.r: must be at least 1"):
+        load_config(None, ["model.lora.r=0"])
