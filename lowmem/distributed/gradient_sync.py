@@ -22,19 +22,10 @@ SYNC_MODES = ("full", "projected")
 
 
 def check_projected_sync(options) -> None:
-    """Refuse `projected` for an optimizer whose updates need the whole gradient, saying why."""
-    reasons = []
-    if not getattr(options, "projects", False):
-        reasons.append(f"'{options.name}' projects no weight")
-    else:
-        if options.residual != "drop":
-            reasons.append(f"its residual '{options.residual}' uses what the projection leaves out of G")
-        if options.projector in ("online_pca", "blocks"):
-            reasons.append(f"projector '{options.projector}' "
-                           + ("moves P with the whole gradient every update" if options.projector == "online_pca"
-                              else "makes whole weights active, with full gradients"))
-        if options.transforms:
-            reasons.append("its transforms read the whole gradient's max and norm")
+    """Refuse `projected` for an optimizer whose updates need the whole gradient, saying why (what its parts
+    declare: PipelineOptions.projected_sync_refusals)."""
+    refusals = getattr(options, "projected_sync_refusals", None)
+    reasons = refusals() if refusals is not None else [f"'{options.name}' projects no weight"]
     if reasons:
         raise ConfigError("distributed.gradient_sync: 'projected' all-reduces R = P^T G instead of G, exact only "
                           "when the update needs nothing else; here " + "; ".join(reasons)

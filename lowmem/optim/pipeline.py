@@ -178,13 +178,13 @@ class PipelineOptimizer(torch.optim.Optimizer):
 
     def syncable_basis(self, p: torch.Tensor) -> Optional[torch.Tensor]:
         """The basis P (b x r, fp32) for all-reducing R = P^T Gc instead of G before the coming update, or None
-        when that update needs the whole gradient: p is not projected, has no basis yet or refreshes it now,
-        its projector moves P with the gradient (online PCA) or follows the shared blocks draw, a residual
-        uses what P leaves out, or a transform reads the whole gradient."""
+        when that update needs the whole gradient: p is not projected, a stage of its rule declares a reason
+        (`sync_refusal`: a residual that uses what P leaves out, a projector that moves P with the gradient or
+        follows the shared blocks draw, a transform), or p has no basis yet or refreshes it now."""
         state = self.state.get(p, {})
-        if (not self._is_projected(p, self._group_of[p]) or self.options.residual != "drop" or self.transforms
-                or not self.projector.periodic or self.projector.shared_refresh or state.get("refreshes", 0) == 0
-                or self._refresh_due(state, self._keys[p]) or self.projector.is_empty(state)):
+        if (not self._is_projected(p, self._group_of[p]) or any(stage.sync_refusal for stage in self.stages(p))
+                or state.get("refreshes", 0) == 0 or self._refresh_due(state, self._keys[p])
+                or self.projector.is_empty(state)):
             return None
         return self.projector.basis(state, min(p.shape), p.device)
 
@@ -200,21 +200,29 @@ class PipelineOptimizer(torch.optim.Optimizer):
         p's rule and the given `state` (kept by the caller) and hyper-parameters."""
         self.update_weight(weight, grad, state, group, self._keys[p], self._is_projected(p, self._group_of[p]))
 
+    def stages(self, p: torch.Tensor) -> list:
+        """The parts p's rule passes through, in order: transforms, then projector, core and residual for a
+        projected weight, the core alone for the others. What the rule is (element-wise, open to projected
+        sync, its cost) derives from what these declare."""
+        if self._is_projected(p, self._group_of[p]):
+            return [self.transforms, self.projector, self.core, self.residual]
+        return [self.transforms, self.core]
+
+    def _core_shape_of(self, p: torch.Tensor) -> tuple[int, ...]:
+        shape = tuple(p.shape)
+        if not self._is_projected(p, self._group_of[p]):
+            return shape
+        return (self.options.rank_for(shape), small_side(shape)[1])
+
     def is_elementwise(self, p: torch.Tensor) -> bool:
         """Whether p's rule is element-wise (each element's update depends on that element alone), so it may run
-        on any fragment of p: no projection, the Adam core, moments not block-quantized, no transforms (whose
-        max and norm statistics span the tensor)."""
-        return (not self._is_projected(p, self._group_of[p]) and self.options.core == "adam" and not self.transforms
-                and self.policy.for_shape(tuple(p.shape)).name in ("fp32", "bf16"))
+        on any fragment of p: every stage says so for p's shape."""
+        return all(stage.elementwise(tuple(p.shape)) for stage in self.stages(p))
 
     def rule_cost(self, p: torch.Tensor) -> float:
-        """Rough flops of one update of p, to balance matrix owners: the element-wise work on the core, plus
-        the two projections and the amortized basis refresh of a projected weight."""
-        if not self._is_projected(p, self._group_of[p]):
-            return 12.0 * p.numel()
-        b, a = small_side(tuple(p.shape))
-        rank = self.options.rank_for(tuple(p.shape))
-        return 12.0 * rank * a + 4.0 * p.numel() * rank + p.numel() * b / self.options.update_gap
+        """Rough flops of one update of p, the sum of its stages' costs, to balance matrix owners."""
+        shape, core_shape = tuple(p.shape), self._core_shape_of(p)
+        return sum(stage.cost(shape, core_shape) for stage in self.stages(p))
 
     def update_weight(self, weight: torch.Tensor, grad: Optional[torch.Tensor], state: dict, group: dict,
                       key: WeightKey, projected: bool, core_grad: Optional[torch.Tensor] = None) -> None:

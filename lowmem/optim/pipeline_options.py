@@ -286,6 +286,22 @@ class PipelineOptions(OptimizerOptions):
                 raise ConfigError(f"optimizer.rank: {self.rank} exceeds the smaller side of {name} "
                                   f"(shape {'x'.join(map(str, shape))}); use at most {min(shape)}")
 
+    def projected_sync_refusals(self) -> list[str]:
+        """Why all-reducing R = P^T G instead of G would not be exact for this configuration, from what its
+        parts declare (`sync_refusal`); empty: projected gradient sync applies."""
+        if not self.projects:
+            return [f"'{self.name}' projects no weight"]
+        reasons = []
+        if RESIDUALS[self.residual].sync_refusal:
+            reasons.append(f"its residual '{self.residual}' {RESIDUALS[self.residual].sync_refusal}")
+        if PROJECTORS[self.projector].sync_refusal:
+            reasons.append(f"projector '{self.projector}' {PROJECTORS[self.projector].sync_refusal}")
+        if CORES[self.core].sync_refusal:
+            reasons.append(f"its core '{self.core}' {CORES[self.core].sync_refusal}")
+        if self.transforms:
+            reasons.append("its transforms read the whole gradient's max and norm")
+        return reasons
+
     def rank_for(self, shape: tuple[int, ...]) -> int:
         """Core rows for a weight of this shape: `rank`, or round(density * smaller side), at least 1."""
         if self.rank is not None:

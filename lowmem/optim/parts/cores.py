@@ -123,10 +123,20 @@ class Core:
     counter_keys: tuple[str, ...] = ()
     decays_before_step = False  # weight decay before the step whatever adam_convention says (Adafactor)
     lr_in_direction = False  # the direction already holds the lr: the pipeline steps it by 1 (Adafactor option)
+    sync_refusal: Optional[str] = None  # a core steps on R = P^T G however it was summed over the ranks
 
     def __init__(self, options, policy: StoragePolicy):
         self.options = options
         self.policy = policy
+
+    def elementwise(self, shape: tuple[int, ...]) -> bool:
+        """Whether each element's update depends on that element alone, so ZeRO may run the core on any
+        fragment of a weight of `shape`. A core with row or column statistics, a top-k or a window says no."""
+        return False
+
+    def cost(self, shape: tuple[int, ...], core_shape: tuple[int, ...]) -> float:
+        """Rough flops of one update on its core gradient of `core_shape` (balances ZeRO's matrix owners)."""
+        return 12.0 * math.prod(core_shape)
 
     def step(self, grad: torch.Tensor, state: dict, group: dict, ctx: CoreContext) -> CoreStep:
         raise NotImplementedError
@@ -203,6 +213,9 @@ class AdamCore(Core):
     def __init__(self, options, policy):
         super().__init__(options, policy)
         self.convention = ADAM_CONVENTIONS[options.adam_convention]
+
+    def elementwise(self, shape: tuple[int, ...]) -> bool:
+        return self.policy.for_shape(shape).name in ("fp32", "bf16")  # quantization blocks must not move
 
     def _storage(self, shape) -> Storage:
         return self.policy.for_shape(tuple(shape))

@@ -119,6 +119,18 @@ class Projector:
     dense_basis = True  # project_back is basis() @ core: the fused epilogue may run that GEMM itself
     shared_refresh = False  # True: refresh numbers come from the optimizer's shared update counter
     resets_state = False  # True: every refresh clears the core state, whatever moments_on_refresh says
+    # Why all-reducing R = P^T G instead of G would not be exact with this projector (None: it is, between
+    # refreshes); lowmem.distributed.gradient_sync and the config check both read it.
+    sync_refusal: Optional[str] = None
+
+    def elementwise(self, shape: tuple[int, ...]) -> bool:
+        """A projection mixes the elements of a whole side: never element-wise (ZeRO runs it on one owner)."""
+        return False
+
+    def cost(self, shape: tuple[int, ...], core_shape: tuple[int, ...]) -> float:
+        """Flops of one update: the projection and the back-projection, and the basis refresh amortized."""
+        numel, rows = math.prod(shape), min(shape)
+        return 4.0 * numel * core_shape[0] + numel * rows / self.update_gap
 
     def __init__(self, basis_dtype: torch.dtype = torch.float32, density: float = 1.0, seed: int = 0,
                  num_matrices: int = 1, update_gap: int = 200, block_order: str = "random"):
@@ -304,6 +316,7 @@ class BlockProjector(Projector):
     reset_statistics), whatever moments_on_refresh says (`resets_state`)."""
 
     shared_refresh = True  # refreshes follow the optimizer's update counter, not the weight's own count
+    sync_refusal = "makes whole weights active, with full gradients"
     resets_state = True
     dense_basis = False  # the subspace is empty or the whole space: no GEMM at all
 
@@ -355,6 +368,7 @@ class OnlinePCAProjector(Projector):
     its two AdamW moments, b x r each, plus an int step."""
 
     periodic = False
+    sync_refusal = "moves P with the whole gradient every update"
 
     def choose_basis(self, grad, rank, key, label):
         return top_singular_basis(grad, rank, key, label)

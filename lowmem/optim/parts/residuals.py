@@ -5,6 +5,7 @@ canonical (b, a) layout, or None to drop the residual. All work in fp32, on fres
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,6 +23,14 @@ class ResidualPolicy:
 
     needs_back = True  # the optimizer computes back = P R only for policies that use it
     vanishes_on_full = False  # True: the residual is zero when the subspace is the whole space (active block)
+    # Why all-reducing R = P^T G instead of G would not be exact with this residual (None: it is).
+    sync_refusal: str | None = "uses what the projection leaves out of G"
+
+    def elementwise(self, shape: tuple[int, ...]) -> bool:
+        return False  # only ever beside a projection
+
+    def cost(self, shape: tuple[int, ...], core_shape: tuple[int, ...]) -> float:
+        return 0.0 if self.sync_refusal is None else 6.0 * math.prod(shape)
 
     def __init__(self, scale: float, fira_gamma: float = 1.01, fira_variant: str = "paper",
                  inactive_lr_scale: float = 1.0):
@@ -47,6 +56,7 @@ class DropResidual(ResidualPolicy):
 
     needs_back = False
     vanishes_on_full = True
+    sync_refusal = None
 
     def __call__(self, state, grad_c, core_grad, direction, back, bias_correction):
         return None

@@ -65,6 +65,9 @@ class Transform:
     stage = "gradient"  # gradient: on the whole gradient before projection; core: on the core gradient
     needs_second_moment = False
     fusable = False  # a core-stage part the fused Adam kernels apply themselves (SPAM's clip against V)
+    # Whether each element's result depends on that element alone (and on its own moments), so ZeRO may run it
+    # on any fragment: not for a statistic of the whole tensor (a max, a norm).
+    elementwise = False
 
     def __init__(self, options):
         self.options = options
@@ -122,12 +125,14 @@ class GradNormStabilizer(NormRescale):
 
 
 class MomentReset(Transform):
+    elementwise = True  # zeroes every element's moments on the same update
     """Marks the reset steps; the pipeline resets the core (TransformChain.before_core / after_core)."""
 
     name = "moment_reset"
 
 
 class SpamClip(Transform):
+    elementwise = True  # each entry against its own second moment
     name = "spam_clip"
     stage = "core"
     needs_second_moment = True
@@ -173,6 +178,17 @@ class TransformChain:
 
     def __bool__(self) -> bool:
         return bool(self.parts)
+
+    def elementwise(self, shape: tuple[int, ...]) -> bool:
+        return all(part.elementwise for part in self.parts)
+
+    @property
+    def sync_refusal(self) -> str | None:
+        """The projected-sync path steps the core on an all-reduced R with no transform around it."""
+        return "its transforms read the whole gradient's max and norm" if self.parts else None
+
+    def cost(self, shape: tuple[int, ...], core_shape: tuple[int, ...]) -> float:
+        return 4.0 * len(self.parts) * math.prod(shape)
 
     def prepare(self, state: dict, number: int) -> TransformStep:
         """The step of update `number` (1-based, shared by all weights); counts this weight's transform step."""
