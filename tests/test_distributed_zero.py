@@ -97,6 +97,9 @@ SETTINGS = list(itertools.product((1, 2), (True, False), (0.0, 1.0)))  # stage, 
 def test_every_optimizer_matches_one_process_under_zero_two_ranks(tmp_path):
     """Each registered optimizer once, the ZeRO settings rotating over the cases."""
     cases = [(small(name), *SETTINGS[i % len(SETTINGS)]) for i, name in enumerate(sorted(OPTIMIZERS))]
+    # a direction stage: a matrix rule on the owner, on the dense path and under a projector
+    cases += [(dict(small("adamw8bit"), directions=["cautious"]), *SETTINGS[0]),
+              (dict(small("galore"), directions=["cautious"]), *SETTINGS[1 % len(SETTINGS)])]
     check(cases, 2, tmp_path)
 
 

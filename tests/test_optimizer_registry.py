@@ -26,7 +26,10 @@ EXTRA = [{"name": "galore", "core": "adafactor"}, {"name": "fira", "core": "adaf
          {"name": "stable_spam", "reset_interval": 2, "reset_with_old_moments": True, "anneal_steps": 5},
          {"name": "spam", "reset_interval": 2, "spam_clip_delay": 1, "reset_warmup": 2},
          {"name": "galore", "transforms": ["stable_spam"], "reset_interval": 2, "state_dtype": "int8"},
-         {"name": "adafactor", "transforms": ["spam"], "reset_interval": 2, "spam_clip_delay": 1}]
+         {"name": "adafactor", "transforms": ["spam"], "reset_interval": 2, "spam_clip_delay": 1},
+         # a direction stage on the dense path, under a projector with a residual, and on quantized moments
+         {"name": "adamw8bit", "directions": ["cautious"]}, {"name": "fira", "directions": ["cautious"]},
+         {"name": "galore", "directions": ["cautious"], "state_dtype": "int4"}]
 
 
 def _accepts(tree: dict) -> bool:

@@ -32,7 +32,7 @@ def test_a_projected_rule_is_never_elementwise_and_costs_its_stages():
     opt, weight = optimizer(GaloreOptions(rank=4, update_gap=10), projected=True)
     assert not opt.is_elementwise(weight)
     assert opt.rule_cost(weight) == pytest.approx(sum(s.cost((16, 8), (4, 16)) for s in opt.stages(weight)))
-    assert [type(s).__name__ for s in opt.stages(weight)][1:] == ["SVDProjector", "AdamCore", "DropResidual"]
+    assert [type(s).__name__ for s in opt.stages(weight)][1:] == ["SVDProjector", "AdamCore", "DirectionChain", "DropResidual"]
 
 
 def test_a_transform_declaring_itself_not_elementwise_changes_the_rule(monkeypatch):

@@ -39,6 +39,7 @@ import torch
 from lowmem.kernels.dispatch import resolve_backend
 from lowmem.optim.batched import BatchedStep
 from lowmem.optim.parts.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
+from lowmem.optim.parts.directions import DirectionChain
 from lowmem.optim.parts.projectors import PROJECTORS, Projector, RefreshKey, canonical, small_side
 from lowmem.optim.parts.residuals import RESIDUALS
 from lowmem.optim.parts.transforms import TransformChain, TransformStep
@@ -96,6 +97,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
             scale=options.scale, fira_gamma=options.fira_gamma, fira_variant=options.fira_variant,
             inactive_lr_scale=options.inactive_lr_scale)
         self.transforms = TransformChain(options)
+        self.directions = DirectionChain(options)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -205,8 +207,8 @@ class PipelineOptimizer(torch.optim.Optimizer):
         projected weight, the core alone for the others. What the rule is (element-wise, open to projected
         sync, its cost) derives from what these declare."""
         if self._is_projected(p, self._group_of[p]):
-            return [self.transforms, self.projector, self.core, self.residual]
-        return [self.transforms, self.core]
+            return [self.transforms, self.projector, self.core, self.directions, self.residual]
+        return [self.transforms, self.core, self.directions]
 
     def _core_shape_of(self, p: torch.Tensor) -> tuple[int, ...]:
         shape = tuple(p.shape)
@@ -279,6 +281,8 @@ class PipelineOptimizer(torch.optim.Optimizer):
         """Step a dense weight in one fused kernel pass, with the transforms' core-stage work in it (SPAM's clip,
         the moment reset before it, the warm-up's lr scale); False, with nothing done, where it cannot."""
         clip, lr_scale = None, 1.0
+        if self.directions:  # the kernel would step the weight before the direction stages see D
+            return False
         if step is not None:
             if not (self.transforms.core_parts_fusable and self.core.fuses_clip(grad.shape)):
                 return False
@@ -305,7 +309,8 @@ class PipelineOptimizer(torch.optim.Optimizer):
         ctx.clip = None
         if step is not None:
             self.transforms.after_core(state, self.core, step, core_grad.shape)
-        return result.direction, result.decay_scale, result.bias_correction
+        direction = self.directions.apply(result.direction, core_grad, state) if self.directions else result.direction
+        return direction, result.decay_scale, result.bias_correction
 
     def _refresh_number(self, state: dict, key: WeightKey) -> Optional[int]:
         """The refresh number to draw now, or None when no refresh is due."""

@@ -18,7 +18,9 @@ import torch
 from lowmem.errors import ConfigError, closest
 from lowmem.kernels.dispatch import BACKENDS, resolve_backend
 from lowmem.optim.options import OptimizerOptions
+from lowmem.config.schema import check_choice
 from lowmem.optim.parts.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES
+from lowmem.optim.parts.directions import DIRECTIONS
 from lowmem.optim.parts.microadam import INDEX_LIMIT
 from lowmem.optim.parts.projectors import BLOCK_ORDERS, PROJECTORS
 from lowmem.optim.parts.residuals import FIRA_VARIANTS, RESIDUALS
@@ -142,6 +144,9 @@ class PipelineOptions(OptimizerOptions):
     # Gradient transforms (lowmem.optim.parts.transforms): spam_clip | adaclip | adagn | moment_reset |
     # grad_norm_stabilizer, or the combinations spam | stable_spam
     transforms: list[str] = field(default_factory=list, metadata=EVERY_PIPELINE)
+    # Direction transforms (lowmem.optim.parts.directions), on the core's direction before back-projection:
+    # cautious
+    directions: list[str] = field(default_factory=list, metadata=EVERY_PIPELINE)
     # AdaGN's norm EMA (Stable-SPAM 4-bit: 0.7; GradientStabilizer 0.6)
     gamma1: float = field(default=0.7, metadata=ADAGN)
     gamma2: float = field(default=0.9, metadata=ADAGN)  # AdaGN's squared-norm EMA
@@ -222,6 +227,8 @@ class PipelineOptions(OptimizerOptions):
             if value not in choices:
                 raise ConfigError(f"optimizer.{key}: unknown value '{value}'{closest(str(value), choices)}; "
                                   f"choose from {sorted(choices)}")
+        for i, name in enumerate(self.directions):
+            check_choice(name, DIRECTIONS, f"optimizer.directions[{i}]")
 
     def _validate_projection(self) -> None:
         if self.rank is not None and self.rank < 1:
@@ -300,6 +307,8 @@ class PipelineOptions(OptimizerOptions):
             reasons.append(f"its core '{self.core}' {CORES[self.core].sync_refusal}")
         if self.transforms:
             reasons.append("its transforms read the whole gradient's max and norm")
+        reasons += [f"direction '{name}' {DIRECTIONS[name].sync_refusal}" for name in self.directions
+                    if DIRECTIONS[name].sync_refusal]
         return reasons
 
     def rank_for(self, shape: tuple[int, ...]) -> int:
