@@ -10,6 +10,8 @@ import torch
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import AdafactorOptions, GaloreOptions
 
+from stepping import stepped
+
 SHAPES = [(12, 20), (20, 12), (9,), (3, 4, 5)]
 
 
@@ -21,18 +23,8 @@ def problem(steps=8, seed=0, shapes=SHAPES):
 
 
 def run(make, weights, grads, lrs=None):
-    """The weights after one update per entry of `grads`; with `lrs`, every group's lr is set to lrs[t] before
-    update t (an lr schedule)."""
-    params = [torch.nn.Parameter(w.clone()) for w in weights]
-    opt = make(params)
-    for t, step in enumerate(grads):
-        if lrs is not None:
-            for group in opt.param_groups:
-                group["lr"] = lrs[t]
-        for p, g in zip(params, step):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach() for p in params]
+    """The weights after one update per entry of `grads` (with `lrs`: an lr schedule, lowmem's `stepped`)."""
+    return stepped(make, weights, grads, lrs)[0]
 
 
 HF_CASES = {

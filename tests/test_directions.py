@@ -7,6 +7,7 @@ from lowmem.errors import ConfigError
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import DenseOptions, GaloreOptions
 from lowmem.optim.registry import parse_optimizer_options
+from stepping import random_gradients, stepped
 
 
 def reference_cautious_adamw(weight, grads, lr, betas, eps, weight_decay):
@@ -28,17 +29,13 @@ def reference_cautious_adamw(weight, grads, lr, betas, eps, weight_decay):
 
 
 def gradients(shape, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) for _ in range(steps)]
+    return [step[0] for step in random_gradients([shape], steps, seed)]
 
 
 def step_all(options, weight, grads, projected=False):
-    param = torch.nn.Parameter(weight.clone())
-    opt = PipelineOptimizer([{"params": [param], "projected": projected, "names": ["w"]}], options)
-    for grad in grads:
-        param.grad = grad.clone()
-        opt.step()
-    return param.detach(), opt
+    (param,), opt = stepped(lambda params: PipelineOptimizer(
+        [{"params": params, "projected": projected, "names": ["w"]}], options), [weight], [[g] for g in grads])
+    return param, opt
 
 
 def test_cautious_on_the_dense_path_is_c_adamw():

@@ -10,6 +10,8 @@ import torch
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import GaloreOptions, MicroAdamOptions
 
+from stepping import stepped
+
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
 
@@ -61,14 +63,11 @@ def test_matches_the_dense_window_reference(state_dtype, value_dtype, shape, alp
     grads = [torch.randn(shape, generator=g) * (1 + t % 3) for t in range(9)]  # window 3 wraps twice
     options = MicroAdamOptions(lr=0.01, weight_decay=0.1, window=3, k_init=0.1, topk_block=50, ef_block=16,
                                state_dtype=state_dtype, ef_alpha=alpha)
-    p = torch.nn.Parameter(w0.clone())
-    opt = PipelineOptimizer([{"params": [p]}], options)
-    for grad in grads:
-        p.grad = grad.clone()
-        opt.step()
+    (weight,), opt = stepped(lambda params: PipelineOptimizer([{"params": params}], options), [w0],
+                             [[grad] for grad in grads])
     expected = reference_microadam(w0, grads, 0.01, 0.1, 3, 0.1, 50, 16, value_dtype, alpha)
-    torch.testing.assert_close(p.detach().reshape(-1), expected, atol=1e-6, rtol=0)
-    state = opt.state[p]
+    torch.testing.assert_close(weight.reshape(-1), expected, atol=1e-6, rtol=0)
+    state = opt.state[opt.param_groups[0]["params"][0]]
     # 5 blocks of 50 minus the last short one (30): 4 x ceil(5) + ceil(3) = 23 kept entries per update
     assert state["window_indices"].shape == (3, 23) and state["window_indices"].dtype == torch.int16
     assert state["window_values"].dtype == value_dtype

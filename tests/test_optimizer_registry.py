@@ -1,6 +1,7 @@
-"""Every registered optimizer, with every state storage it accepts: bit-exact resume through a weights-only
-checkpoint, and its state-size formula equal to the bytes it holds. An optimizer added to the registry is
-covered here without a new test."""
+"""One sweep over every registered optimizer x every state storage it accepts x every projector (and the
+per-part variants below), on square, tall, wide and tiny weights: the state-size formula equal to the bytes it
+holds after every update (and predicted before the first), and a bit-exact resume through a weights-only
+checkpoint. An optimizer, projector or storage added to the registries is covered here without a new test."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ from torch import nn
 
 from lowmem.errors import ConfigError
 from lowmem.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
+from lowmem.optim.parts.projectors import PROJECTORS
 from lowmem.optim.registry import parse_optimizer_options
 
 STATE_DTYPES = ("fp32", "bf16", "int8", "int4")
@@ -29,7 +31,16 @@ EXTRA = [{"name": "galore", "core": "adafactor"}, {"name": "fira", "core": "adaf
          {"name": "adafactor", "transforms": ["spam"], "reset_interval": 2, "spam_clip_delay": 1},
          # a direction stage on the dense path, under a projector with a residual, and on quantized moments
          {"name": "adamw8bit", "directions": ["cautious"]}, {"name": "fira", "directions": ["cautious"]},
-         {"name": "galore", "directions": ["cautious"], "state_dtype": "int4"}]
+         {"name": "galore", "directions": ["cautious"], "state_dtype": "int4"},
+         # every projector, with the moment policies and residuals it is used with
+         {"name": "galore", "rank": 3},  # rank = the smaller side of the tiny weight
+         {"name": "galore", "projector": "randomized_svd", "moments_on_refresh": "rotate"},
+         {"name": "galore", "projector": "random", "residual": "fira", "stagger": True},
+         {"name": "galore", "projector": "dct", "moments_on_refresh": "rotate"},
+         {"name": "frugal", "density": 0.5},
+         {"name": "frugal", "projector": "coordinates", "residual": "sgd", "moments_on_refresh": "rotate"},
+         {"name": "frugal", "projector": "random"},
+         {"name": "osd", "state_dtype": "bf16"}]
 
 
 def _accepts(tree: dict) -> bool:
@@ -88,19 +99,28 @@ def make(tree: dict, shape=(64, 80), seed: int = 0) -> tuple[nn.Module, torch.op
     return model, build_optimizer(model, parse_optimizer_options(tree))
 
 
+SHAPES = {"square": (64, 64), "tall": (96, 48), "wide": (48, 96), "tiny": (6, 3)}
+
+
 @pytest.mark.parametrize("tree", variants(), ids=variant_id)
-def test_resume_through_a_weights_only_checkpoint_is_bit_exact(tree):
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_state_bytes_formula_and_bit_exact_resume(tree, shape):
     k, total = 3, 6  # refreshes at updates 0, 2, 4: one before and one after the save
-    model, opt = make(tree)
+    model, opt = make(tree, shape)
+    assert opt.expected_state_bytes() == optimizer_state_bytes(opt) == 0
+    predicted = opt.predicted_state_bytes()
     for step in range(total):
         if step == k:
             buffer = io.BytesIO()
             torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, buffer)
         feed(model, step)
         opt.step()
+        assert opt.expected_state_bytes() == optimizer_state_bytes(opt), f"after update {step + 1}"
+        if step == 0:
+            assert predicted == optimizer_state_bytes(opt)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    model2, resumed = make(tree, seed=1)
+    model2, resumed = make(tree, shape, seed=1)
     model2.load_state_dict(saved["model"])
     resumed.load_state_dict(saved["opt"])
     for step in range(k, total):
@@ -111,23 +131,13 @@ def test_resume_through_a_weights_only_checkpoint_is_bit_exact(tree):
     assert resumed.expected_state_bytes() == optimizer_state_bytes(resumed)
 
 
-@pytest.mark.parametrize("tree", variants(), ids=variant_id)
-@pytest.mark.parametrize("shape", [(64, 64), (96, 48), (48, 96), (6, 3)], ids=["square", "tall", "wide", "tiny"])
-def test_state_bytes_formula_matches_held_bytes(tree, shape):
-    model, opt = make(tree, shape)
-    assert opt.expected_state_bytes() == optimizer_state_bytes(opt) == 0
-    predicted = opt.predicted_state_bytes()
-    for step in range(3):
-        feed(model, step)
-        opt.step()
-        assert opt.expected_state_bytes() == optimizer_state_bytes(opt), f"after update {step + 1}"
-        if step == 0:
-            assert predicted == optimizer_state_bytes(opt)
-
-
 def test_every_registered_optimizer_is_covered():
+    assert all(_accepts(short_gap(tree)) for tree in EXTRA), [t for t in EXTRA if not _accepts(short_gap(t))]
     names = {tree["name"] for tree in variants()}
     assert names == set(OPTIMIZERS)
     covered = {(t["name"], t.get("state_dtype")) for t in variants()}
     for name in ("galore", "fira", "frugal", "osd", "adamw", "adamw8bit", "adafactor"):
         assert {(name, d) for d in STATE_DTYPES} <= covered, name
+    projectors = {parse_optimizer_options(tree).projector for tree in variants()
+                  if hasattr(parse_optimizer_options(tree), "projector")}
+    assert projectors >= set(PROJECTORS), set(PROJECTORS) - projectors
