@@ -1,11 +1,15 @@
 """The reference path's batched step (lowmem.optim.batched) against the same optimizer stepped weight by weight
 (`step_param`, update_weight's per-weight rule): the same updates up to rounding."""
+import dataclasses
+
 import pytest
 import torch
 
+from lowmem.errors import ConfigError
 from lowmem.optim import batched
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import AdamW8bitOptions, FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
+from lowmem.optim.registry import parse_optimizer_options
 
 
 def params():
@@ -67,3 +71,23 @@ def test_quantized_states_and_transforms_step_weight_by_weight(monkeypatch):
     monkeypatch.setattr(batched.BatchedStep, "add", lambda *a: pytest.fail("batched"))
     run(AdamW8bitOptions(), True, steps=1)
     run(GaloreOptions(rank=6, transforms=["stable_spam"]), True, steps=1)
+
+
+def test_implementation_per_weight_never_batches_and_batched_equals_it(monkeypatch):
+    options = GaloreOptions(rank=6, update_gap=3)
+    _, batched_weights = run(dataclasses.replace(options, implementation="batched"), True)
+    with monkeypatch.context() as patch:
+        patch.setattr(batched.BatchedStep, "add", lambda *a: pytest.fail("batched"))
+        _, per_weight = run(dataclasses.replace(options, implementation="per_weight"), True)
+    for a, b in zip(batched_weights, per_weight):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tree, reason", [
+    ({"name": "adamw8bit"}, "moments are stored in int8"),
+    ({"name": "galore", "transforms": ["spam"]}, "has transforms"),
+    ({"name": "adafactor"}, "core is adafactor"),
+])
+def test_batched_is_refused_where_it_cannot_step_the_configuration(tree, reason):
+    with pytest.raises(ConfigError, match=f"optimizer.implementation: batched .*{reason}"):
+        parse_optimizer_options(dict(tree, implementation="batched"))

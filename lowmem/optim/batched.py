@@ -146,8 +146,8 @@ class BatchedStep:
     @staticmethod
     def applies(opt) -> bool:
         """Whether the optimizer's rule can batch at all (the per-weight checks are in `add`)."""
-        return (opt.options.core == "adam" and not opt.transforms and not opt.directions
-                and opt.policy.state_dtype == "fp32")
+        return (opt.options.implementation != "per_weight" and not opt.options.unbatchable()
+                and opt.policy.state_dtype == "fp32")  # auto: fp32 only when the weights are
 
     def add(self, p: torch.Tensor, group: dict) -> bool:
         """Take p's update into the batch (its refresh and projection now); False: step it alone."""

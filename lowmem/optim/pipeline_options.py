@@ -28,6 +28,7 @@ from lowmem.optim.parts.transforms import COMPOSITES, expand, validate_transform
 from lowmem.optim.state.storage import STATE_DTYPES
 
 NO_PROJECTOR = "none"  # every weight takes the dense path (AdamW-8bit, Adafactor, MicroAdam)
+IMPLEMENTATIONS = ("auto", "per_weight", "batched")
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,9 @@ class PipelineOptions(OptimizerOptions):
     seed: int = field(default=0, metadata=EVERY_PIPELINE)  # seeds random projectors and block choices
     # auto (Triton kernels on CUDA, the pure-torch reference elsewhere) | triton | torch (lowmem.kernels.dispatch)
     kernels: str = field(default="auto", metadata=EVERY_PIPELINE)
+    # per_weight: the rule one weight at a time (the oracle) | batched: many weights per pass (lowmem.optim.batched,
+    # Adam with fp32 moments) | auto: batched where the configuration allows it
+    implementation: str = field(default="auto", metadata=EVERY_PIPELINE)
 
     @property
     def projects(self) -> bool:
@@ -199,6 +203,9 @@ class PipelineOptions(OptimizerOptions):
         self._validate_projection()
         self._validate_cores()
         validate_transforms(self)
+        if self.implementation == "batched" and self.unbatchable():
+            raise ConfigError(f"optimizer.implementation: batched steps Adam with fp32 moments and no transforms; "
+                              f"{self.unbatchable()}; use implementation auto or per_weight")
 
     def reads(self, key: str) -> bool:
         owner = PARTS.get(key)
@@ -223,6 +230,7 @@ class PipelineOptions(OptimizerOptions):
             ("core", self.core, CORES),
             ("block_order", self.block_order, BLOCK_ORDERS),
             ("kernels", self.kernels, BACKENDS),
+            ("implementation", self.implementation, IMPLEMENTATIONS),
         ):
             if value not in choices:
                 raise ConfigError(f"optimizer.{key}: unknown value '{value}'{closest(str(value), choices)}; "
@@ -292,6 +300,16 @@ class PipelineOptions(OptimizerOptions):
             if self.rank > min(shape):
                 raise ConfigError(f"optimizer.rank: {self.rank} exceeds the smaller side of {name} "
                                   f"(shape {'x'.join(map(str, shape))}); use at most {min(shape)}")
+
+    def unbatchable(self) -> str:
+        """Why the batched implementation cannot step this configuration ('' when it can)."""
+        if self.core != "adam":
+            return f"this optimizer's core is {self.core}"
+        if self.transforms or self.directions:
+            return "this optimizer has " + ("transforms" if self.transforms else "direction stages")
+        if self.state_dtype not in ("auto", "fp32"):
+            return f"its moments are stored in {self.state_dtype}"
+        return ""
 
     def projected_sync_refusals(self) -> list[str]:
         """Why all-reducing R = P^T G instead of G would not be exact for this configuration, from what its
