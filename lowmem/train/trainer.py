@@ -33,6 +33,7 @@ from lowmem.optim import build_optimizer
 from lowmem.optim.groups import check_options_against_model
 from lowmem.optim.in_backward import UpdateInBackward
 from lowmem.train import checkpoint as ckpt
+from lowmem.train import progress as progress_lines
 from lowmem.train.config import Config, config_changes
 from lowmem.train.metrics import MetricsLog
 from lowmem.train.rundir import RunLock, StopOnSignal
@@ -367,41 +368,50 @@ class Trainer:
         cfg = self.config
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         counts = count_parameters(self.model)
-        log.info(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
-              f"non-embedding), optimizer: {cfg.optimizer.name}, {self.total_steps} updates, device {self.device}")
-        if self.dist.distributed:
-            log.info(f"distributed: {self.dist.backend} on {self.dist.world_size} ranks, global batch "
-                  f"{self.global_batch} sequences = {cfg.train.batch_size} x {self.grad_accum} accumulation x "
-                  f"{self.dist.world_size} ranks")
         state_line, saves_nothing = state_versus_adamw(self.model, self.runtime.rules, cfg.optimizer)
-        if saves_nothing:
-            log.warning("warning: " + state_line)
-        else:
-            log.info(state_line)
+        distributed = (f"{self.dist.backend} on {self.dist.world_size} ranks, global batch {self.global_batch} "
+                       f"sequences = {cfg.train.batch_size} x {self.grad_accum} accumulation x "
+                       f"{self.dist.world_size} ranks") if self.dist.distributed else None
+        header = progress_lines.start_header(
+            counts=counts, config=cfg, tokens_per_update=self.global_batch * cfg.data.seq_len,
+            total_steps=self.total_steps, device=self.device, state_dtype=self._state_dtype(),
+            state_line=("warning: " if saves_nothing else "") + state_line, distributed=distributed)
+        for line in header[:-1]:
+            log.info(line)
+        (log.warning if saves_nothing else log.info)(header[-1])
         if self.step >= end:
             log.info(f"already at step {self.step} of {self.total_steps}: nothing to train, evaluating")
             return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
         batches = iter(self.train_batches)
-        progress = tqdm(total=end, initial=self.step, disable=not (cfg.log.progress and self.dist.is_main),
-                        dynamic_ncols=True)
+        bar = progress_lines.draws_bar(cfg.log.progress, self.dist.is_main)
+        progress = tqdm(total=end, initial=self.step, disable=not bar, dynamic_ncols=True)
+        clock = progress_lines.RunClock(self.step, end)
+        losses = progress_lines.LossWindow()
+        start_tokens, peak = self.tokens_seen, 0
         last: dict[str, Any] = {}
         window_start, window_tokens = time.perf_counter(), 0
         with StopOnSignal() as stop:
             try:
                 while self.step < end:
                     record = self.train_step(self._next_batches(batches))
+                    losses.add(record["loss"])
                     window_tokens += self.global_batch * cfg.data.seq_len
                     evaluate_now = ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                                     or self.step == self.total_steps)
                     log_now = self.step % cfg.train.log_every == 0 or self.step == end or evaluate_now
                     if log_now:
-                        record.update(step=self.step, tokens=self.tokens_seen,
+                        record.update(step=self.step, tokens=self.tokens_seen, loss_last=record["loss"],
+                                      loss=losses.take(),
                                       tokens_per_s=window_tokens / (time.perf_counter() - window_start))
+                        if not bar:
+                            log.info(progress_lines.step_line(record, clock))
                         if evaluate_now:
                             record.update(self.evaluate())
+                            log.info(progress_lines.eval_line(record))
                         if self.device.type == "cuda":  # the peak of this logging window, eval included
                             record["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
                             torch.cuda.reset_peak_memory_stats(self.device)
+                            peak = max(peak, record["cuda_peak_allocated_bytes"])
                         self.metrics.log(record)
                         last = record
                         progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
@@ -418,7 +428,26 @@ class Trainer:
                         window_start, window_tokens = time.perf_counter(), 0
             finally:
                 progress.close()
+        log.info(progress_lines.end_line(step=self.step, tokens_seen=self.tokens_seen, clock=clock,
+                                         final=dict(last, tokens_at_start=start_tokens),
+                                         state_bytes=self.runtime.optimizer_state_bytes(), peak=self._peak_memory(peak)))
         return last
+
+    def _state_dtype(self) -> str:
+        """How the optimizer's moments are stored, as resolved for these weights."""
+        policy = getattr(self.optimizer, "policy", None)
+        if policy is not None:
+            return policy.state_dtype
+        dtypes = {p.dtype for p in self.model.parameters() if p.requires_grad}
+        return "bf16" if dtypes == {torch.bfloat16} else "fp32"
+
+    def _peak_memory(self, logged_peak: int) -> str | None:
+        """The CUDA peak over the run (the logging windows reset torch's counter), or None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        from lowmem.memory.report import format_bytes
+
+        return f"CUDA peak allocated {format_bytes(max(logged_peak, torch.cuda.max_memory_allocated(self.device)))}"
 
     def _next_batches(self, batches: Iterator[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         try:
