@@ -190,39 +190,47 @@ def case_projected(residual_name: str, variant: str = "paper", weight_dtype=torc
 
 
 def case_adafactor(moment_dtype):
+    """AdafactorCore's step of a matrix on the kernels and on the torch path (relative step, parameter scale)."""
     def run(device):
+        from lowmem.optim.parts.adafactor import AdafactorCore
+        from lowmem.optim.parts.cores import CoreContext
+        from lowmem.optim.presets import AdafactorOptions
+        from lowmem.optim.state.storage import StoragePolicy
+
+        betas = (0.9, 0.999) if moment_dtype else (0.0, 0.999)
+        options = AdafactorOptions(betas=betas, clip_threshold=0.05, state_dtype=moment_dtype or "fp32")
+        core = AdafactorCore(options, StoragePolicy(options.state_dtype))
         gen = torch.Generator().manual_seed(5)
         shape = (37, 300)
-        stats = [(torch.zeros(37, device=device), torch.zeros(300, device=device)) for _ in range(2)]
-        moments = [torch.zeros(shape, device=device, dtype=moment_dtype) if moment_dtype else None for _ in range(2)]
-        for step in (1, 2):
+        weight = torch.randn(shape, generator=gen).to(device)
+        group = {"betas": betas, "lr": 1.0, "eps": options.eps}
+        states = {}, {}
+        for _ in (1, 2):
             grad = torch.randn(shape, generator=gen).to(device)
-            args = (1.0 - step ** -0.8, 1e-30, 0.05, 0.01)
-            expected = K.adafactor.reference_adafactor_direction(grad, *stats[1], *args, moments[1], 0.9)
-            got = K.adafactor.adafactor_direction(grad, *stats[0], *args, moments[0], 0.9)
-        bf16 = moment_dtype == torch.bfloat16
+            got = core.step(grad, states[0], group, CoreContext(weight, fused=True)).direction
+            expected = core.step(grad, states[1], group, CoreContext(weight)).direction
+        bf16 = moment_dtype == "bf16"
         return got, expected, (2 ** -7 if bf16 else 1e-5), (2 ** -7 * float(expected.abs().max()) if bf16 else 1e-9)
     return run
 
 
 def case_microadam(ef_block: int):
+    """MicroAdamCore's step on the kernels and on the torch path, past a wrap of its window."""
     def run(device):
-        from lowmem.optim.parts.microadam import ef_quantize, window_width
+        from lowmem.optim.parts.cores import CoreContext
+        from lowmem.optim.parts.microadam import MicroAdamCore
+        from lowmem.optim.presets import MicroAdamOptions
+        from lowmem.optim.state.storage import StoragePolicy
 
-        o = SimpleNamespace(window=3, k_init=0.05, topk_block=512, ef_block=ef_block, state_dtype="auto", ef_alpha=0.0)
-        numel = 3737
-        width = window_width(numel, o.topk_block, o.k_init)
-        codes, low, high = ef_quantize(torch.zeros(numel, device=device), o.ef_block)
-        ours = {"micro_step": 0, "window_row": 0,
-                "window_indices": torch.zeros(o.window, width, dtype=torch.int16, device=device),
-                "window_values": torch.zeros(o.window, width, dtype=torch.bfloat16, device=device),
-                "ef_codes": codes, "ef_min": low, "ef_max": high}
-        ref = {}
+        core = MicroAdamCore(MicroAdamOptions(window=3, k_init=0.05, topk_block=512, ef_block=ef_block),
+                             StoragePolicy("fp32"))
+        group = {"betas": BETAS, "eps": 1e-8}
+        states = {}, {}
         gen = torch.Generator().manual_seed(6)
         for _ in range(4):
             grad = torch.randn(37, 101, generator=gen).to(device)
-            expected = K.microadam.reference_microadam_direction(grad, ref, o, *BETAS, 1e-8)
-            got = K.microadam.microadam_direction(grad, ours, o, *BETAS, 1e-8)
+            got = core.step(grad, states[0], group, CoreContext(grad, fused=True)).direction
+            expected = core.step(grad, states[1], group, CoreContext(grad)).direction
         return got, expected, 1e-5, 1e-7
     return run
 
@@ -243,9 +251,9 @@ CASES: dict[str, Callable] = {
     "projected sgd, bf16 weight": case_projected("sgd", weight_dtype=torch.bfloat16),
     "projected sign_sgd, empty subspace": case_projected("sign_sgd", empty=True),
     "adafactor_direction": case_adafactor(None),
-    "adafactor_direction, bf16 first moment": case_adafactor(torch.bfloat16),
-    "microadam_direction, bucket 64": case_microadam(64),
-    "microadam_direction, bucket 33": case_microadam(33),
+    "adafactor_direction, bf16 first moment": case_adafactor("bf16"),
+    "microadam, bucket 64": case_microadam(64),
+    "microadam, bucket 33 (torch quantizer)": case_microadam(33),
     "adam_direction with SPAM's clip, fp32": case_adam_spam_clip("fp32"),
     "adam_direction with SPAM's clip, int8": case_adam_spam_clip("int8"),
     "fake_quant int4 weight, row-crossing groups": case_fake_quant("weight", "int4", torch.float32, (40, 60), 256),
@@ -423,12 +431,14 @@ def bandwidth_table(device: str, shape: tuple[int, int], rank: int, repeats: int
     row, col = torch.zeros(shape[0], device=device), torch.zeros(shape[1], device=device)
     add("adafactor_direction (3 passes over G, D written)", 16, numel,
         lambda: K.adafactor.adafactor_direction(grad, row, col, 0.9, 1e-30, 1.0, 1e-2))
-    from lowmem.optim.parts.microadam import ef_quantize
+    from lowmem.optim.parts.microadam import EF_LEVELS, ef_quantize
 
     codes, low, high = ef_quantize(torch.zeros(numel, device=device), 64)
-    add("microadam ef_correct", 4 + 0.5 + 4, numel, lambda: K.microadam.ef_correct(grad, codes, low, high, 64))
-    flat = grad.reshape(-1)
-    add("microadam ef_quantize", 4 + 0.5, numel, lambda: K.microadam.ef_quantize_into(flat, codes, low, high, 64))
+    add("microadam ef_correct", 4 + 0.5 + 4, numel,
+        lambda: K.microadam.ef_correct(grad, codes, low, high, 64, EF_LEVELS))
+    values = grad.reshape(-1)
+    add("microadam ef_quantize", 4 + 0.5, numel,
+        lambda: K.microadam.ef_quantize_into(values, codes, low, high, 64, EF_LEVELS))
 
 
 # ---------------------------------------------------------------------------------------------------------
