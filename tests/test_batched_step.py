@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from lowmem.optim import batched
+from lowmem.optim.parts.cores import FIRST, SECOND, AdamCore, CoreContext
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import AdamW8bitOptions, FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
+from lowmem.optim.state.storage import StoragePolicy
 
 
 def params():
@@ -67,3 +69,21 @@ def test_quantized_states_and_transforms_step_weight_by_weight(monkeypatch):
     monkeypatch.setattr(batched.BatchedStep, "add", lambda *a: pytest.fail("batched"))
     run(AdamW8bitOptions(), True, steps=1)
     run(GaloreOptions(rank=6, transforms=["stable_spam"]), True, steps=1)
+
+
+def test_foreach_direction_is_adam_math():
+    """The batched form of the Adam core's direction gives exactly the core's own step (the torch path)."""
+    torch.manual_seed(7)
+    shapes, steps = [(7, 9), (100,), (3, 4)], [1, 5, 2]
+    for convention in ("galore", "torch"):
+        core = AdamCore(GaloreOptions(adam_convention=convention), StoragePolicy("fp32"))
+        grads = [torch.randn(s) for s in shapes]
+        theirs = [{FIRST: torch.randn(s), SECOND: torch.rand(s), "adam_step": step - 1}
+                  for s, step in zip(shapes, steps)]
+        ours = [{FIRST: t[FIRST].clone(), SECOND: t[SECOND].clone()} for t in theirs]
+        got = batched.foreach_adam_direction(grads, [s[FIRST] for s in ours], [s[SECOND] for s in ours], steps,
+                                             0.9, 0.999, 1e-8, convention == "torch")
+        for g, state, d, mine in zip(grads, theirs, got, ours):
+            expected = core.step(g, state, {"betas": (0.9, 0.999), "eps": 1e-8}, CoreContext(g)).direction
+            assert torch.equal(d, expected)
+            assert torch.equal(mine[FIRST], state[FIRST]) and torch.equal(mine[SECOND], state[SECOND])

@@ -1,5 +1,5 @@
 """`optimizer.kernels`: whole PipelineOptimizer updates with the Triton kernels (interpreted, tiny CPU tensors)
-against the same optimizer on the pure-torch reference path, and the option's validation.
+against the same optimizer on the pure-torch path, and the option's validation.
 
 With `kernels: triton` the Adam core runs `lowmem.kernels.adam`: the fused direction for projected cores and
 the fused step-and-update for dense weights. Tolerances as in test_kernels_adam: rtol 1e-5 on fp32 weights
@@ -171,8 +171,8 @@ def test_projected_epilogue_is_the_path_taken(monkeypatch):
     from lowmem.kernels import residual
 
     calls = []
-    original = residual.projected_update
-    monkeypatch.setattr(residual, "projected_update", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = residual.epilogue
+    monkeypatch.setattr(residual, "epilogue", lambda *a, **k: calls.append(1) or original(*a, **k))
     run(with_kernels(FiraOptions(rank=8), "triton"), steps=2, params=odd_params())
     assert len(calls) == 2 * 3
 
@@ -197,7 +197,7 @@ def test_spam_transforms_fused_with_adam(options, monkeypatch):
 
     clips = []
     original = adam._launch
-    monkeypatch.setattr(adam, "_launch", lambda *a, **k: clips.append(a[-1] if len(a) > 14 else k.get("clip"))
+    monkeypatch.setattr(adam, "_launch", lambda *a, **k: clips.append(a[-1] if len(a) > 13 else k.get("clip"))
                         or original(*a, **k))
     triton = run(with_kernels(options, "triton"), steps=5, params=odd_params())
     assert len(clips) == 5 * 5 and any(c is not None for c in clips) == ("spam" in options.transforms)

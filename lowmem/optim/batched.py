@@ -1,4 +1,4 @@
-"""The reference path's batched step: `PipelineOptimizer.step()` on the pure-torch path (optimizer.kernels
+"""The torch path's batched step: `PipelineOptimizer.step()` on the pure-torch path (optimizer.kernels
 resolved to torch) runs the weights it can in three phases instead of one weight at a time:
 
     1. per weight, in model order: the projector's refresh when due, then R = P^T Gc (one GEMM)
@@ -61,6 +61,30 @@ def foreach_adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], e
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
     if decay > 0 and decay_after:
         torch._foreach_mul_(params, 1.0 - decay)
+
+
+def foreach_adam_direction(grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                           steps: list[int], beta1: float, beta2: float, eps: float,
+                           eps_scaled: bool) -> list[torch.Tensor]:
+    """`adam_math` over lists of fp32 tensors with torch._foreach ops (a few launches for all of them instead of
+    a dozen per tensor), bit for bit: moments updated in place, fresh directions returned."""
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bias1 = [1.0 - beta1 ** s for s in steps]
+    bias2_sqrt = [math.sqrt(1.0 - beta2 ** s) for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if eps_scaled:
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        directions = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(directions, bias1)
+        return directions
+    torch._foreach_add_(denom, eps)
+    directions = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(directions, [b2 / b1 for b1, b2 in zip(bias1, bias2_sqrt)])
+    return directions
 
 
 def _chunks(entries: list[_Entry]) -> Iterator[list[_Entry]]:
@@ -189,8 +213,6 @@ class BatchedStep:
                                     [e.state["adam_step"] for e in chunk], group["lr"], beta1, beta2, group["eps"],
                                     convention.eps_scaled, group["lr"] * group["weight_decay"],
                                     convention.decay_after)
-        from lowmem.kernels.adam import foreach_adam_direction  # the reference module: no Triton needed
-
         for entries in self.projected.values():
             group = entries[0].group
             beta1, beta2 = group["betas"]
