@@ -15,8 +15,10 @@
 Each check runs a kernel through the optimizer code that calls it (the pipeline, a core's step, the projected
 epilogue) with kernels on and off, on the same gradients. Targets (on a GPU): element-wise kernels >= 85% of
 copy bandwidth; the int8 update faster than bitsandbytes'; the projected update >= 1.5x kernels: torch; a
-llama_1b GaLore int8 step within 1.2x of fused AdamW's. The llama_1b step is timed with kernels: torch and with
-kernels: triton (fused Adam and the fused epilogue per weight). Exits 1 when a check fails.
+llama_1b GaLore int8 step within 1.2x of fused AdamW's. The llama_1b step is timed three ways: kernels: torch,
+kernels: triton weight by weight (step_param: fused Adam and the fused epilogue per weight), and kernels:
+triton by step() (the batched step: one multi-tensor Adam launch per kind for the dense weights and one for the
+projected cores, then each weight's epilogue). Exits 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -190,34 +192,19 @@ def case_fake_quant(kind: str, fmt: str, dtype: torch.dtype, shape: tuple[int, .
     return run
 
 
-def case_adam_multi(device):
-    """adam_update_multi on int8 and fp32 moments, an fp32 and a bf16 weight, a weight missing an update (its
-    count behind), per-weight decay, against the Adam core's torch path weight by weight."""
-    from lowmem.optim.parts.cores import AdamCore, CoreContext, kernel_moments
+def case_adam_multi():
+    """The batched step (adam_update_multi): int8 and fp32 moments, an fp32 and a bf16 weight, two groups (their
+    own decay), a weight missing a gradient (moments a count apart), against the torch path weight by weight."""
     from lowmem.optim.presets import AdamW8bitOptions
-    from lowmem.optim.state.storage import StoragePolicy
 
-    core = AdamCore(AdamW8bitOptions(), StoragePolicy("int8"))
     gen = torch.Generator().manual_seed(3)
     shapes, dtypes = [(61, 83), (64,), (70, 70), (5000,)], [torch.float32, torch.float32, torch.bfloat16, torch.float32]
-    weights = [torch.randn(s, generator=gen).to(device, d) for s, d in zip(shapes, dtypes)]
-    refs = [w.clone() for w in weights]
-    states, ref_states = [{} for _ in shapes], [{} for _ in shapes]
-    decays = [0.0, 1e-3, 0.0, 1e-3]
-    group = {"betas": BETAS, "eps": 1e-8}
-    for update in (1, 2, 3):
-        members = [i for i in range(len(shapes)) if update > 1 or i != 1]
-        grads = {i: torch.randn(shapes[i], generator=gen).to(device) for i in members}
-        moments = [kernel_moments(states[i], core._count(grads[i], states[i])) for i in members]
-        K.adam.adam_update_multi([weights[i] for i in members], [grads[i] for i in members], moments,
-                                 [states[i]["adam_step"] for i in members], [1e-2] * len(members),
-                                 [decays[i] for i in members], *BETAS, 1e-8, True)
-        for i in members:
-            fp32 = refs[i].float()
-            direction = core.step(grads[i], ref_states[i], group, CoreContext(grads[i])).direction
-            core.convention.apply_update(fp32, direction, 1e-2, decays[i])
-            refs[i].copy_(fp32)
-    return flat(weights), flat(refs), 2 ** -7, 1e-4
+    weights = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+    updates = [[torch.randn(s, generator=gen) for s in shapes] for _ in (1, 2, 3)]
+    updates[1][1] = None
+    groups = [(weights[:2], {"weight_decay": 0.0}), (weights[2:], {"weight_decay": 0.1})]
+    run = paired(AdamW8bitOptions(lr=1e-2), groups, updates, per_weight=False)
+    return lambda device: (*run(device), 2 ** -7, 1e-4)
 
 
 def case_projected(residual_name: str, variant: str = "paper", weight_dtype=torch.float32, empty: bool = False):
@@ -307,7 +294,7 @@ CASES: dict[str, Callable] = {
     "adam_update int4 state, transposed weight": case_adam_update("int4", torch.float32, True, transposed=True),
     "adam_update bf16 stochastic rounding": case_stochastic_rounding,
     **{f"adam_direction {s} state": case_adam_direction(s) for s in ("fp32", "bf16", "int8", "int4")},
-    "adam_update_multi int8 / fp32 kinds": case_adam_multi,
+    "adam_update_multi (batched step), int8 / fp32 kinds": case_adam_multi(),
     "projected drop, fp32 weight (addmm)": case_projected("drop"),
     "projected drop, bf16 weight": case_projected("drop", weight_dtype=torch.bfloat16),
     "projected fira (paper)": case_projected("fira"),
@@ -600,13 +587,14 @@ def model_step(device: str, tiny: bool, rank: int, repeats: int) -> None:
     del adamw
     print(f"  {'torch AdamW(fused=True)':<58} {t_adamw * 1e3:9.2f} ms")
     times = {}
-    for kernels in ("torch", "triton"):
+    for kernels, per_weight, what in (("torch", False, "kernels: torch"),
+                                      ("triton", True, "kernels: triton, weight by weight"),
+                                      ("triton", False, "kernels: triton, batched (per-kind launches)")):
         options = GaloreOptions(rank=rank, update_gap=10 ** 9, state_dtype="int8", kernels=kernels)
         groups = [{"params": projected, "projected": True}, {"params": dense}]
-        times[kernels] = t = pipeline_step_time(groups, options, device, repeats)
-        versus = f"  ({times['torch'] / t:.2f}x faster than kernels: torch)" if kernels == "triton" else ""
-        what = f"GaLore r{rank} int8, kernels: {kernels}"
-        print(f"  {what:<58} {t * 1e3:9.2f} ms  {t / t_adamw:5.2f}x AdamW{versus}")
+        times[what] = t = pipeline_step_time(groups, options, device, repeats, per_weight)
+        versus = f"  ({times['kernels: torch'] / t:.2f}x faster than kernels: torch)" if kernels == "triton" else ""
+        print(f"  {f'GaLore r{rank} int8, {what}':<58} {t * 1e3:9.2f} ms  {t / t_adamw:5.2f}x AdamW{versus}")
 
 
 def main() -> None:

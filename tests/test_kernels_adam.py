@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lowmem.kernels import adam as ka
-from lowmem.optim.parts.cores import FIRST, SECOND, AdamCore, CoreContext, kernel_map, kernel_moments
+from lowmem.optim.parts.cores import FIRST, SECOND, AdamCore, CoreContext, kernel_map
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import AdamW8bitOptions, GaloreOptions
 from lowmem.optim.state import quantization as q
@@ -74,9 +74,9 @@ def core_directions(core, grad, states, eps):
             for state, fused in zip(states, (False, True))]
 
 
-def dense_optimizers(weight, **options):
-    """The same dense weight stepped weight by weight (the per-weight rule) by AdamW options on the kernels and
-    on the torch path: a function taking the gradient, and the two (optimizer, parameter) pairs."""
+def dense_optimizers(weight, per_weight=True, **options):
+    """The same dense weight stepped by AdamW options on the kernels and on the torch path: a function taking
+    the gradient, and the two (optimizer, parameter) pairs."""
     pairs = []
     for kernels in ("triton", "torch"):
         p = torch.nn.Parameter(weight.clone())
@@ -85,20 +85,27 @@ def dense_optimizers(weight, **options):
     def step(grad):
         for opt, p in pairs:
             p.grad = grad  # read, never written
-            opt.begin_update()
-            opt.step_param(p)
+            if per_weight or opt.options.kernels == "torch":  # the torch path: the per-weight rule
+                opt.begin_update()
+                opt.step_param(p)
+            else:
+                opt.step()
     return step, pairs
 
 
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES)
 @pytest.mark.parametrize("weight_dtype, convention, contiguous", [
     (torch.float32, "galore", True), (torch.bfloat16, "torch", True), (torch.float32, "torch", False)])
-def test_adam_update_matches_the_torch_path(state_dtype, weight_dtype, convention, contiguous):
-    """Each storage with fp32 and bf16 weights, both eps / decay conventions, a transposed weight and gradient."""
+@pytest.mark.parametrize("per_weight", [True, False], ids=["per-weight", "batched"])
+def test_adam_update_matches_the_torch_path(state_dtype, weight_dtype, convention, contiguous, per_weight):
+    """Each storage with fp32 and bf16 weights, both eps / decay conventions, a transposed weight and gradient;
+    weight by weight (adam_update) and batched by step() (adam_update_multi, which writes bf16 weights itself;
+    the transposed weight steps alone)."""
     torch.manual_seed(0)
     weight = (torch.randn(SHAPE) if contiguous else transposed(SHAPE)).to(weight_dtype)
     step, ((ours_opt, ours), (ref_opt, ref)) = dense_optimizers(
-        weight, state_dtype=state_dtype, adam_convention=convention, lr=1e-2, eps=1e-8, weight_decay=0.1)
+        weight, per_weight, state_dtype=state_dtype, adam_convention=convention, lr=1e-2, eps=1e-8,
+        weight_decay=0.1)
     for _ in range(3):
         step(torch.randn(SHAPE).to(weight_dtype) if contiguous else transposed(SHAPE, weight_dtype))
     storage = ref_opt.policy.for_shape(SHAPE)
@@ -149,39 +156,6 @@ def test_rank1_int4_is_left_to_the_torch_path():
     assert core.fusable(torch.Size((8192,)))
     expected, got = core_directions(core, torch.randn(64, 128), ({}, {}), 1e-8)
     assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize("state_dtype", ["int8", "int4", "bf16"])
-def test_multi_tensor_launch_matches_the_torch_path(state_dtype):
-    """Weights of mixed sizes (under 4096 elements the policy keeps fp32 moments: a second kind), dtypes (a
-    third), update counts (every other weight misses the first update), lr and decay, in one call, against the
-    Adam core's torch path weight by weight (its direction, the convention's update of an fp32 copy)."""
-    torch.manual_seed(4)
-    core = adam_core(state_dtype)
-    shapes = [(61, 83), (64,), (70, 70), (33, 129), (4097,), (3, 5), (5000,)]
-    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.float32]
-    weights = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
-    refs = [w.clone() for w in weights]
-    ours_states, ref_states = [{} for _ in shapes], [{} for _ in shapes]
-    lrs = [1e-2 * (i + 1) for i in range(len(shapes))]
-    decays = [0.0 if i % 2 else 1e-3 for i in range(len(shapes))]
-    group = {"betas": BETAS, "eps": 1e-8}
-    for update in range(2):
-        members = [i for i in range(len(shapes)) if update or i % 2 == 0]
-        grads = {i: torch.randn(shapes[i]) for i in members}
-        moments = [kernel_moments(ours_states[i], core._count(grads[i], ours_states[i])) for i in members]
-        ka.adam_update_multi([weights[i] for i in members], [grads[i] for i in members], moments,
-                             [ours_states[i]["adam_step"] for i in members], [lrs[i] for i in members],
-                             [decays[i] for i in members], *BETAS, 1e-8, True)
-        for i in members:
-            fp32 = refs[i].float()
-            direction = core.step(grads[i], ref_states[i], group, CoreContext(grads[i])).direction
-            core.convention.apply_update(fp32, direction, lrs[i], decays[i])
-            refs[i].copy_(fp32)
-    for ours, ref, s1, s2, shape, lr in zip(weights, refs, ours_states, ref_states, shapes, lrs):
-        storage = core.policy.for_shape(shape)
-        torch.testing.assert_close(ours.float(), ref.float(), **weight_tolerance(ours.dtype, storage, lr))
-        assert_states_close(s1, s2, storage, ours.numel())
 
 
 def test_stochastic_rounding_brackets_and_is_unbiased():

@@ -146,7 +146,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.begin_update()
-        # the torch path batches what it can across weights (lowmem.optim.batched); the rest, one by one
+        # both paths batch what they can across weights (lowmem.optim.batched); the rest, one by one
         batch = BatchedStep(self) if BatchedStep.applies(self) else None
         for group in self.param_groups:
             for p in group["params"]:
