@@ -1,9 +1,9 @@
-"""The Triton kernels (lowmem.kernels): correctness against their references, achieved GB/s, optimizer steps.
+"""The Triton kernels (lowmem.kernels): correctness against the torch path, achieved GB/s, optimizer steps.
 
     python benchmarks/bench_kernels.py              # CUDA: every kernel checked on the GPU, then its GB/s and the
                                                     # fraction of the device's measured copy bandwidth; optimizer
                                                     # step times on 4096x4096 and 4096x11008 (rank 128 and 512)
-                                                    # against the reference path, torch AdamW(fused=True) and
+                                                    # against kernels: torch, torch AdamW(fused=True) and
                                                     # bitsandbytes' AdamW8bit; a whole llama_1b step (GaLore, int8)
     python benchmarks/bench_kernels.py --interpret  # CPU: the same run on tiny shapes in Triton's interpreter;
                                                     # the checks are real, the timings meaningless
@@ -12,13 +12,13 @@
                                                     # make for a GPU (with the --interpret cases) for that NVIDIA
                                                     # architecture (Triton's bundled ptxas)
 
-Targets (on a GPU): element-wise kernels >= 85% of copy bandwidth; the int8 update faster than bitsandbytes';
-the projected update >= 1.5x the reference path; a llama_1b GaLore int8 step within 1.2x of fused AdamW's.
-The llama_1b step is timed three ways: the reference path (kernels: torch), the pipeline as integrated
-(kernels: triton: fused Adam per weight, the rest of the projected update in torch), and the per-kind design
-lowmem.kernels proposes for the pipeline: one multi-tensor Adam launch per kind for the dense weights and one
-for all projected cores, a projection and a back-projection GEMM per projected weight (the back-projection
-carrying scale and decay). Exits 1 when a check fails.
+Each check runs a kernel through the optimizer code that calls it (the pipeline, a core's step, the projected
+epilogue) with kernels on and off, on the same gradients. Targets (on a GPU): element-wise kernels >= 85% of
+copy bandwidth; the int8 update faster than bitsandbytes'; the projected update >= 1.5x kernels: torch; a
+llama_1b GaLore int8 step within 1.2x of fused AdamW's. The llama_1b step is timed three ways: kernels: torch,
+kernels: triton weight by weight (step_param: fused Adam and the fused epilogue per weight), and kernels:
+triton by step() (the batched step: one multi-tensor Adam launch per kind for the dense weights and one for the
+projected cores, then each weight's epilogue). Exits 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -44,10 +44,12 @@ def load_kernels() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Correctness: each kernel against its reference on small shapes (--interpret, and first on a GPU)
+# Correctness: each kernel through the optimizer code that calls it, against that code's torch path, on small
+# shapes (--interpret, and first on a GPU)
 
 
 def adam_state(storage, shape, device):
+    """Zero Adam moments kept by `storage`, as the core creates them."""
     from lowmem.optim.parts.cores import FIRST, SECOND
 
     state = {}
@@ -62,71 +64,119 @@ def storage_named(name: str):
     return {"fp32": FP32, "bf16": BF16}.get(name) or QuantizedStorage(name)
 
 
-def case_adam_update(state_dtype: str, weight_dtype: torch.dtype, decay_after: bool, transposed: bool = False):
+def updater(opt, per_weight: bool) -> Callable[[], None]:
+    """One update of `opt`: weight by weight (begin_update, step_param: the per-weight rule), or step() (the
+    batched step)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def weight_by_weight() -> None:
+        opt.begin_update()
+        for p in params:
+            opt.step_param(p)
+
+    return weight_by_weight if per_weight else opt.step
+
+
+def run_pipeline(options, kernels: str, groups: list[tuple[list[torch.Tensor], dict]], updates: list[list],
+                 device: str, per_weight: bool = True) -> list[torch.Tensor]:
+    """A PipelineOptimizer over copies (on `device`) of each group's tensors with its settings, stepped once per
+    entry of `updates` (a gradient or None per tensor, in order): weight by weight (begin_update, step_param),
+    or by step() (the batched step). Returns the weights."""
+    from lowmem.optim.pipeline import PipelineOptimizer
+
+    params, param_groups = [], []
+    for tensors, settings in groups:
+        group = [torch.nn.Parameter(t.to(device, copy=True)) for t in tensors]
+        params += group
+        param_groups.append({"params": group, **settings})
+    opt = PipelineOptimizer(param_groups, type(options)(**{**options.__dict__, "kernels": kernels}))
+    update = updater(opt, per_weight)
+    for grads in updates:
+        for p, grad in zip(params, grads):
+            p.grad = None if grad is None else grad.to(device, p.dtype)
+        update()
+    return [p.detach() for p in params]
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.float().reshape(-1) for t in tensors])
+
+
+def paired(options, groups, updates, per_weight=True):
+    """run_pipeline on the kernels (per weight or batched) and on the torch path (weight by weight), flattened."""
     def run(device):
-        storage = storage_named(state_dtype)
-        shape = (61, 83)
-        gen = torch.Generator().manual_seed(0)
-        weight = torch.randn(shape[::-1] if transposed else shape, generator=gen).to(device, weight_dtype)
-        weight = weight.T if transposed else weight
-        ours, ref = weight.clone(), weight.clone()
-        states = adam_state(storage, shape, device), adam_state(storage, shape, device)
-        for step in (1, 2):
-            grad = torch.randn(shape, generator=gen).to(device)
-            K.adam.reference_adam_update(ref, grad, states[1], storage, step, 1e-2, *BETAS, 1e-8, not decay_after,
-                                         1e-3, decay_after)
-            K.adam.adam_update(ours, grad, states[0], storage, step, 1e-2, *BETAS, 1e-8, not decay_after, 1e-3,
-                               decay_after)
-        bf16 = weight_dtype == torch.bfloat16 or state_dtype == "bf16"
-        return ours.float(), ref.float(), (2 ** -7 if bf16 else 1e-5), (1e-4 if bf16 else 1e-6)
+        ours = run_pipeline(options, "triton", groups, updates, device, per_weight)
+        return flat(ours), flat(run_pipeline(options, "torch", groups, updates, device))
     return run
 
 
+def case_adam_update(state_dtype: str, weight_dtype: torch.dtype, decay_after: bool, transposed: bool = False):
+    """A dense weight on the fused step-and-update, two updates."""
+    from lowmem.optim.presets import AdamW8bitOptions
+
+    options = AdamW8bitOptions(state_dtype=state_dtype, adam_convention="galore" if decay_after else "torch",
+                               lr=1e-2, weight_decay=0.1)
+    shape = (61, 83)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape[::-1] if transposed else shape, generator=gen).to(weight_dtype)
+    weight = weight.T if transposed else weight
+    updates = [[torch.randn(shape, generator=gen)] for _ in (1, 2)]
+    run = paired(options, [([weight], {})], updates)
+    bf16 = weight_dtype == torch.bfloat16 or state_dtype == "bf16"
+    return lambda device: (*run(device), (2 ** -7 if bf16 else 1e-5), (1e-4 if bf16 else 1e-6))
+
+
 def case_stochastic_rounding(device):
-    from lowmem.optim.state.storage import FP32
+    """adam_update's stochastic rounding of a bf16 weight: within one bf16 unit of the torch path's fp32 result."""
+    from lowmem.optim.presets import AdamW8bitOptions
 
     gen = torch.Generator().manual_seed(1)
-    weight = torch.randn(4096, generator=gen).to(device, torch.bfloat16)
-    grad = torch.randn(4096, generator=gen).to(device)
-    exact = weight.float()
-    K.adam.reference_adam_update(exact, grad, adam_state(FP32, (4096,), device), FP32, 1, 1e-3, *BETAS, 1e-8, True)
-    ours = weight.clone()
-    K.adam.adam_update(ours, grad, adam_state(FP32, (4096,), device), FP32, 1, 1e-3, *BETAS, 1e-8, True,
-                       stochastic_rounding=True, seed=5)
-    return ours.float(), exact, 2 ** -7, 0.0  # within one bf16 unit of the exact value
+    weight = torch.randn(4096, generator=gen).to(torch.bfloat16)
+    grad = torch.randn(4096, generator=gen)
+    exact, = run_pipeline(AdamW8bitOptions(state_dtype="fp32", lr=1e-3), "torch", [([weight.float()], {})],
+                          [[grad]], device)
+    ours = weight.to(device)
+    moments = K.adam.Moments(torch.zeros(4096, device=device), torch.zeros(4096, device=device))
+    K.adam.adam_update(ours, grad.to(device), moments, 1, 1e-3, *BETAS, 1e-8, True, stochastic_rounding=True, seed=5)
+    return ours.float(), exact, 2 ** -7, 0.0
+
+
+def core_directions(state_dtype: str, grads: list[torch.Tensor], device: str, clip: float = None):
+    """The pipeline's core step (PipelineOptimizer._core_step: the Adam core, GaloreOptions' convention, eps 1e-6)
+    of each gradient in turn, on the kernels and on the torch path; with `clip`, SPAM's clip (spam_clip, theta
+    `clip`, from the second update on): fused into the kernel, or the transform in torch before the core."""
+    from lowmem.optim.parts.cores import CoreContext
+    from lowmem.optim.pipeline import PipelineOptimizer
+    from lowmem.optim.presets import GaloreOptions
+
+    options = GaloreOptions(state_dtype=state_dtype, **(dict(transforms=["spam_clip"], spam_theta=clip,
+                                                              spam_clip_delay=0) if clip else {}))
+    opt = PipelineOptimizer([torch.nn.Parameter(torch.zeros(2, 2))], options)
+    group = {"betas": BETAS, "eps": 1e-6}
+    states = {}, {}
+    for number, grad in enumerate(grads, 1):
+        grad = grad.to(device)
+        directions = []
+        for state, fused in zip(states, (True, False)):
+            step = opt.transforms.prepare(state, number) if clip else None
+            directions.append(opt._core_step(grad, state, group, CoreContext(grad, fused=fused), step)[0])
+    return directions
 
 
 def case_adam_direction(state_dtype: str):
     def run(device):
-        storage = storage_named(state_dtype)
-        shape = (24, 333)
         gen = torch.Generator().manual_seed(2)
-        states = adam_state(storage, shape, device), adam_state(storage, shape, device)
-        for step in (1, 2):
-            grad = torch.randn(shape, generator=gen).to(device)
-            expected = K.adam.reference_adam_direction(grad, states[1], storage, step, *BETAS, 1e-6, False)
-            got = K.adam.adam_direction(grad, states[0], storage, step, *BETAS, 1e-6, False)
-        return got, expected, 1e-5, 1e-6
+        return (*core_directions(state_dtype, [torch.randn(24, 333, generator=gen) for _ in (1, 2)], device),
+                1e-5, 1e-6)
     return run
 
 
 def case_adam_spam_clip(state_dtype: str):
-    """adam_direction with SPAM's clip fused, against the transform's torch clip and then the reference."""
+    """adam_direction with SPAM's clip fused, against the transform's torch clip before the core's torch step."""
     def run(device):
-        from lowmem.optim.parts.cores import SECOND
-
-        storage = storage_named(state_dtype)
-        shape = (24, 333)
         gen = torch.Generator().manual_seed(4)
-        states = adam_state(storage, shape, device), adam_state(storage, shape, device)
-        for step in (1, 2, 3):
-            grad = torch.randn(shape, generator=gen).to(device) * (1 + 3 * step)
-            v = storage.read(states[1], SECOND, torch.Size(shape), "unsigned")
-            limit = v * 2.0
-            clipped = torch.where(grad * grad > limit, torch.sign(grad) * limit.sqrt(), grad)
-            expected = K.adam.reference_adam_direction(clipped, states[1], storage, step, *BETAS, 1e-6, False)
-            got = K.adam.adam_direction(grad, states[0], storage, step, *BETAS, 1e-6, False, clip=2.0)
-        return got, expected, 1e-5, 1e-6
+        grads = [torch.randn(24, 333, generator=gen) * (1 + 3 * step) for step in (1, 2, 3)]
+        return (*core_directions(state_dtype, grads, device, clip=2.0), 1e-5, 1e-6)
     return run
 
 
@@ -142,37 +192,37 @@ def case_fake_quant(kind: str, fmt: str, dtype: torch.dtype, shape: tuple[int, .
     return run
 
 
-def case_adam_multi(device):
-    from lowmem.optim.state.storage import StoragePolicy
+def case_adam_multi():
+    """The batched step (adam_update_multi): int8 and fp32 moments, an fp32 and a bf16 weight, two groups (their
+    own decay), a weight missing a gradient (moments a count apart), against the torch path weight by weight."""
+    from lowmem.optim.presets import AdamW8bitOptions
 
-    policy = StoragePolicy("int8")
-    shapes, dtypes = [(61, 83), (64,), (70, 70), (5000,)], [torch.float32, torch.float32, torch.bfloat16, torch.float32]
     gen = torch.Generator().manual_seed(3)
-    storages = [policy.for_shape(s) for s in shapes]
-    weights = [torch.randn(s, generator=gen).to(device, d) for s, d in zip(shapes, dtypes)]
-    refs = [w.clone() for w in weights]
-    states = [adam_state(st, s, device) for st, s in zip(storages, shapes)]
-    ref_states = [adam_state(st, s, device) for st, s in zip(storages, shapes)]
-    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    steps, lrs, decays = [1, 2, 1, 3], [1e-2] * 4, [0.0, 1e-3, 0.0, 1e-3]
-    for _ in (1, 2):
-        K.adam.adam_update_multi(weights, grads, states, storages, steps, lrs, decays, *BETAS, 1e-8, True)
-        for w, g, st, storage, s, lr, d in zip(refs, grads, ref_states, storages, steps, lrs, decays):
-            K.adam.reference_adam_update(w, g, st, storage, s, lr, *BETAS, 1e-8, True, d)
-    return (torch.cat([w.float().reshape(-1) for w in weights]), torch.cat([w.float().reshape(-1) for w in refs]),
-            2 ** -7, 1e-4)
+    shapes, dtypes = [(61, 83), (64,), (70, 70), (5000,)], [torch.float32, torch.float32, torch.bfloat16, torch.float32]
+    weights = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+    updates = [[torch.randn(s, generator=gen) for s in shapes] for _ in (1, 2, 3)]
+    updates[1][1] = None
+    groups = [(weights[:2], {"weight_decay": 0.0}), (weights[2:], {"weight_decay": 0.1})]
+    run = paired(AdamW8bitOptions(lr=1e-2), groups, updates, per_weight=False)
+    return lambda device: (*run(device), 2 ** -7, 1e-4)
 
 
 def case_projected(residual_name: str, variant: str = "paper", weight_dtype=torch.float32, empty: bool = False):
+    """The fused epilogue (PipelineOptimizer._fused_epilogue) against the torch path after the core step
+    (_back_projected, the convention's apply_update on an fp32 copy)."""
     def run(device):
         from lowmem.optim.parts.projectors import canonical
-        from lowmem.optim.parts.residuals import RESIDUALS
+        from lowmem.optim.pipeline import PipelineOptimizer
+        from lowmem.optim.presets import GaloreOptions
 
-        policy = RESIDUALS[residual_name](scale=0.25, fira_gamma=1.01, fira_variant=variant, inactive_lr_scale=0.5)
+        extra = ({"fira_variant": variant} if residual_name == "fira" else
+                 {"inactive_lr_scale": 0.5} if residual_name in ("sign_sgd", "sgd") else {})
+        opt = PipelineOptimizer([torch.nn.Parameter(torch.zeros(2, 2))],
+                                GaloreOptions(residual=residual_name, scale=0.25, **extra))
         gen = torch.Generator().manual_seed(4)
         shape = (72, 40)
         weight = torch.randn(shape, generator=gen).to(device, weight_dtype)
-        ours, ref = weight.clone(), weight.clone()
+        ours, ref = weight.clone(), weight.float()
         states = {}, {}
         for step in (1, 2, 3):
             grad = (torch.randn(shape, generator=gen) * step).to(device)
@@ -181,48 +231,58 @@ def case_projected(residual_name: str, variant: str = "paper", weight_dtype=torc
                 basis = torch.linalg.qr(torch.randn(40, 8, generator=gen)).Q.to(device)
                 core = basis.T @ canonical(grad)
                 direction = core / (core.abs() + 0.1)
-            K.residual.reference_projected_update(ref, grad, basis, core, direction, policy, states[1], 0.8, 1e-2,
-                                                  1e-3, True)
-            K.residual.projected_update(ours, grad, basis, core, direction, policy, states[0], 0.8, 1e-2, 1e-3, True)
+            opt._fused_epilogue(ours, grad, basis, core, direction, 0.8, states[0], 1e-2, 1e-3)
+            update_c = opt._back_projected(canonical(grad), core, None if empty else direction.clone(), 0.8,
+                                           states[1], basis)
+            opt.convention.apply_update(canonical(ref), update_c, 1e-2, 1e-3)
+            ref = ref.to(weight_dtype).float()  # the per-weight rule rounds the weight after each update
         bf16 = weight_dtype == torch.bfloat16
-        return ours.float(), ref.float(), (2 ** -7 if bf16 else 1e-5), 1e-6
+        return ours.float(), ref, (2 ** -7 if bf16 else 1e-5), 1e-6
     return run
 
 
 def case_adafactor(moment_dtype):
+    """AdafactorCore's step of a matrix on the kernels and on the torch path (relative step, parameter scale)."""
     def run(device):
+        from lowmem.optim.parts.adafactor import AdafactorCore
+        from lowmem.optim.parts.cores import CoreContext
+        from lowmem.optim.presets import AdafactorOptions
+        from lowmem.optim.state.storage import StoragePolicy
+
+        betas = (0.9, 0.999) if moment_dtype else (0.0, 0.999)
+        options = AdafactorOptions(betas=betas, clip_threshold=0.05, state_dtype=moment_dtype or "fp32")
+        core = AdafactorCore(options, StoragePolicy(options.state_dtype))
         gen = torch.Generator().manual_seed(5)
         shape = (37, 300)
-        stats = [(torch.zeros(37, device=device), torch.zeros(300, device=device)) for _ in range(2)]
-        moments = [torch.zeros(shape, device=device, dtype=moment_dtype) if moment_dtype else None for _ in range(2)]
-        for step in (1, 2):
+        weight = torch.randn(shape, generator=gen).to(device)
+        group = {"betas": betas, "lr": 1.0, "eps": options.eps}
+        states = {}, {}
+        for _ in (1, 2):
             grad = torch.randn(shape, generator=gen).to(device)
-            args = (1.0 - step ** -0.8, 1e-30, 0.05, 0.01)
-            expected = K.adafactor.reference_adafactor_direction(grad, *stats[1], *args, moments[1], 0.9)
-            got = K.adafactor.adafactor_direction(grad, *stats[0], *args, moments[0], 0.9)
-        bf16 = moment_dtype == torch.bfloat16
+            got = core.step(grad, states[0], group, CoreContext(weight, fused=True)).direction
+            expected = core.step(grad, states[1], group, CoreContext(weight)).direction
+        bf16 = moment_dtype == "bf16"
         return got, expected, (2 ** -7 if bf16 else 1e-5), (2 ** -7 * float(expected.abs().max()) if bf16 else 1e-9)
     return run
 
 
 def case_microadam(ef_block: int):
+    """MicroAdamCore's step on the kernels and on the torch path, past a wrap of its window."""
     def run(device):
-        from lowmem.optim.parts.microadam import ef_quantize, window_width
+        from lowmem.optim.parts.cores import CoreContext
+        from lowmem.optim.parts.microadam import MicroAdamCore
+        from lowmem.optim.presets import MicroAdamOptions
+        from lowmem.optim.state.storage import StoragePolicy
 
-        o = SimpleNamespace(window=3, k_init=0.05, topk_block=512, ef_block=ef_block, state_dtype="auto", ef_alpha=0.0)
-        numel = 3737
-        width = window_width(numel, o.topk_block, o.k_init)
-        codes, low, high = ef_quantize(torch.zeros(numel, device=device), o.ef_block)
-        ours = {"micro_step": 0, "window_row": 0,
-                "window_indices": torch.zeros(o.window, width, dtype=torch.int16, device=device),
-                "window_values": torch.zeros(o.window, width, dtype=torch.bfloat16, device=device),
-                "ef_codes": codes, "ef_min": low, "ef_max": high}
-        ref = {}
+        core = MicroAdamCore(MicroAdamOptions(window=3, k_init=0.05, topk_block=512, ef_block=ef_block),
+                             StoragePolicy("fp32"))
+        group = {"betas": BETAS, "eps": 1e-8}
+        states = {}, {}
         gen = torch.Generator().manual_seed(6)
         for _ in range(4):
             grad = torch.randn(37, 101, generator=gen).to(device)
-            expected = K.microadam.reference_microadam_direction(grad, ref, o, *BETAS, 1e-8)
-            got = K.microadam.microadam_direction(grad, ours, o, *BETAS, 1e-8)
+            got = core.step(grad, states[0], group, CoreContext(grad, fused=True)).direction
+            expected = core.step(grad, states[1], group, CoreContext(grad)).direction
         return got, expected, 1e-5, 1e-7
     return run
 
@@ -234,7 +294,7 @@ CASES: dict[str, Callable] = {
     "adam_update int4 state, transposed weight": case_adam_update("int4", torch.float32, True, transposed=True),
     "adam_update bf16 stochastic rounding": case_stochastic_rounding,
     **{f"adam_direction {s} state": case_adam_direction(s) for s in ("fp32", "bf16", "int8", "int4")},
-    "adam_update_multi int8 / fp32 kinds": case_adam_multi,
+    "adam_update_multi (batched step), int8 / fp32 kinds": case_adam_multi(),
     "projected drop, fp32 weight (addmm)": case_projected("drop"),
     "projected drop, bf16 weight": case_projected("drop", weight_dtype=torch.bfloat16),
     "projected fira (paper)": case_projected("fira"),
@@ -243,9 +303,9 @@ CASES: dict[str, Callable] = {
     "projected sgd, bf16 weight": case_projected("sgd", weight_dtype=torch.bfloat16),
     "projected sign_sgd, empty subspace": case_projected("sign_sgd", empty=True),
     "adafactor_direction": case_adafactor(None),
-    "adafactor_direction, bf16 first moment": case_adafactor(torch.bfloat16),
-    "microadam_direction, bucket 64": case_microadam(64),
-    "microadam_direction, bucket 33": case_microadam(33),
+    "adafactor_direction, bf16 first moment": case_adafactor("bf16"),
+    "microadam, bucket 64": case_microadam(64),
+    "microadam, bucket 33 (torch quantizer)": case_microadam(33),
     "adam_direction with SPAM's clip, fp32": case_adam_spam_clip("fp32"),
     "adam_direction with SPAM's clip, int8": case_adam_spam_clip("int8"),
     "fake_quant int4 weight, row-crossing groups": case_fake_quant("weight", "int4", torch.float32, (40, 60), 256),
@@ -255,7 +315,7 @@ CASES: dict[str, Callable] = {
 
 
 def check(device: str) -> bool:
-    print(f"\nCorrectness against the references ({device}):")
+    print(f"\nCorrectness against the torch path ({device}):")
     print(f"  {'case':<46} {'max abs err':>12} {'max rel err':>12}  ok")
     ok = True
     for name, run in CASES.items():
@@ -273,15 +333,18 @@ def check(device: str) -> bool:
 
 
 def compile_check(arch: int, one_each: bool = False) -> bool:
-    """Run the cases on CPU tensors with every launch recorded instead of run (the outputs are garbage) and
-    the launchers choosing their GPU tile sizes, then compile each distinct variant (or the first of each kernel)."""
+    """Run the cases on CPU tensors with every launch recorded instead of run (the outputs are garbage), the
+    launchers choosing their GPU tile sizes and `kernels: triton` taken for CPU tensors, then compile each
+    distinct variant (or the first of each kernel)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    from lowmem.kernels import dispatch
+
     launches = []
-    original_run = JITFunction.run
+    original_run, original_interpreting = JITFunction.run, dispatch.interpreting
     modules = (K.adam, K.residual, K.adafactor, K.microadam, K.fake_quant)
     original_tiles = [module._tiles for module in modules]
 
@@ -289,13 +352,14 @@ def compile_check(arch: int, one_each: bool = False) -> bool:
         launches.append((self, args, kwargs))
 
     JITFunction.run = record
+    dispatch.interpreting = lambda: True  # what resolve_backend asks before it lets CPU tensors take the kernels
     for module, tiles in zip(modules, original_tiles):
         module._tiles = lambda device, *rest, tiles=tiles: tiles(torch.device("cuda"), *rest)
     try:
         for run in CASES.values():
             run("cpu")
     finally:
-        JITFunction.run = original_run
+        JITFunction.run, dispatch.interpreting = original_run, original_interpreting
         for module, tiles in zip(modules, original_tiles):
             module._tiles = tiles
     pointer_types = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8",
@@ -365,6 +429,7 @@ def copy_bandwidth(device: str, numel: int, repeats: int) -> float:
 
 
 def bandwidth_table(device: str, shape: tuple[int, int], rank: int, repeats: int) -> None:
+    from lowmem.optim.parts.cores import kernel_moments
     from lowmem.optim.parts.projectors import canonical
     from lowmem.optim.parts.residuals import RESIDUALS
 
@@ -385,19 +450,19 @@ def bandwidth_table(device: str, shape: tuple[int, int], rank: int, repeats: int
 
     for name, state_bytes in (("fp32", 16), ("bf16", 8), ("int8", 4 + 16 / 256), ("int4", 2 + 16 / 128)):
         storage = storage_named(name)
-        state = adam_state(storage, shape, device)
+        moments = kernel_moments(adam_state(storage, shape, device), storage)
         w = weight.clone() if name != "bf16" else weight.bfloat16()
         g = grad if name != "bf16" else grad.bfloat16()
         weight_bytes = 2 * w.element_size()
         add(f"adam_update, {name} state, {w.dtype} weight", g.element_size() + weight_bytes + state_bytes, numel,
-            lambda w=w, g=g, s=state, st=storage: K.adam.adam_update(w, g, s, st, 5, 1e-3, *BETAS, 1e-8, True, 1e-4))
+            lambda w=w, g=g, m=moments: K.adam.adam_update(w, g, m, 5, 1e-3, *BETAS, 1e-8, True, 1e-4))
     core_shape = (rank, max(shape))
     core = torch.randn(core_shape, generator=gen).to(device)
     for name, state_bytes in (("fp32", 16), ("int8", 4 + 16 / 256)):
         storage = storage_named(name)
-        state = adam_state(storage, core_shape, device)
+        moments = kernel_moments(adam_state(storage, core_shape, device), storage)
         add(f"adam_direction, {name} state, core {rank}x{max(shape)}", 4 + state_bytes + 4, core.numel(),
-            lambda s=state, st=storage: K.adam.adam_direction(core, s, st, 5, *BETAS, 1e-8, False))
+            lambda m=moments: K.adam.adam_direction(core, m, 5, *BETAS, 1e-8, False))
     basis = torch.linalg.qr(torch.randn(min(shape), rank, generator=gen).to(device)).Q
     grad_c = canonical(grad)
     core_grad = basis.T @ grad_c
@@ -407,53 +472,44 @@ def bandwidth_table(device: str, shape: tuple[int, int], rank: int, repeats: int
     back, pd = stacked[:, :core_grad.shape[1]], stacked[:, core_grad.shape[1]:]
     factor = torch.full((1,), 0.5, device=device)
     weight_c = canonical(weight)
-    block_r, block_c = K.residual._tiles(torch.device(device))
-    grid = (-(-grad_c.shape[0] // block_r), -(-grad_c.shape[1] // block_c))
-
-    def epilogue():
-        K.residual._epilogue_kernel[grid](weight_c, pd, grad_c, back, factor, factor, *grad_c.shape,
-                                          *weight_c.stride(), *pd.stride(), *grad_c.stride(), *back.stride(), 0.25,
-                                          1.0, -1e-3, 1.0, 0, RESIDUAL=K.residual.SIGN, HAS_M=True, HAS_B=True,
-                                          HAS_PHI=False, DECAY_AFTER=True, STOCHASTIC=False, BLOCK_R=block_r,
-                                          BLOCK_C=block_c)
-    add("projected epilogue (sign_sgd), fp32 weight", 20, numel, epilogue)
+    add("projected epilogue (sign_sgd), fp32 weight", 20, numel,
+        lambda: K.residual.epilogue(weight_c, grad_c, 1e-3, 0.0, True, pd, 0.25, factor, back, sign=True))
     fira = RESIDUALS["fira"](scale=0.25)
-    add("fira residual norm (reduction)", 8, numel,
-        lambda: K.residual._fira_factor(fira, {}, grad_c, back, core_grad, direction, 1.0))
+    add("fira residual terms (norm reduction)", 8, numel,
+        lambda: fira.epilogue_terms({}, grad_c, core_grad, direction, back, 1.0))
     row, col = torch.zeros(shape[0], device=device), torch.zeros(shape[1], device=device)
     add("adafactor_direction (3 passes over G, D written)", 16, numel,
         lambda: K.adafactor.adafactor_direction(grad, row, col, 0.9, 1e-30, 1.0, 1e-2))
-    from lowmem.optim.parts.microadam import ef_quantize
+    from lowmem.optim.parts.microadam import EF_LEVELS, ef_quantize
 
     codes, low, high = ef_quantize(torch.zeros(numel, device=device), 64)
-    add("microadam ef_correct", 4 + 0.5 + 4, numel, lambda: K.microadam.ef_correct(grad, codes, low, high, 64))
-    flat = grad.reshape(-1)
-    add("microadam ef_quantize", 4 + 0.5, numel, lambda: K.microadam.ef_quantize_into(flat, codes, low, high, 64))
+    add("microadam ef_correct", 4 + 0.5 + 4, numel,
+        lambda: K.microadam.ef_correct(grad, codes, low, high, 64, EF_LEVELS))
+    values = grad.reshape(-1)
+    add("microadam ef_quantize", 4 + 0.5, numel,
+        lambda: K.microadam.ef_quantize_into(values, codes, low, high, 64, EF_LEVELS))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer steps
 
 
-def fused_projected_step(weight, grad, basis, state, storage, residual, step, lr=1e-3):
-    """The fused projected update of one weight: R = P^T Gc (GEMM), fused Adam, the epilogue."""
-    from lowmem.optim.parts.cores import bias_correction
-    from lowmem.optim.parts.projectors import canonical
+def pipeline_step_time(params, options, device: str, repeats: int, per_weight: bool = False) -> float:
+    """Median time of an ordinary update (after the one refresh) of a PipelineOptimizer over `params`, by step()
+    or weight by weight (begin_update, step_param)."""
+    from lowmem.optim.pipeline import PipelineOptimizer
 
-    core_grad = basis.T @ canonical(grad)
-    direction = K.adam.adam_direction(core_grad, state, storage, step, *BETAS, 1e-6, False)
-    K.residual.projected_update(weight, grad, basis, core_grad, direction, residual, state,
-                                bias_correction(step, *BETAS), lr, 0.0, True)
+    update = updater(PipelineOptimizer(params, options), per_weight)
+    update()  # a projector's refresh (SVD), outside the timing
+    return timed(update, device, repeats)
 
 
 def optimizer_steps(device: str, shapes: list[tuple[int, int]], ranks: list[int], repeats: int) -> None:
     import warnings
 
-    from lowmem.optim.parts.residuals import RESIDUALS
-    from lowmem.optim.pipeline import PipelineOptimizer
     from lowmem.optim.presets import AdamW8bitOptions, FiraOptions, GaloreOptions
 
-    print(f"\nOptimizer step time ({device}), ms; ratio = reference / fused:")
+    print(f"\nOptimizer step time ({device}), ms; ratio = kernels: torch / kernels: triton:")
     print(f"  {'shape':<12} {'what':<44} {'ms':>9} {'ratio':>7}")
     gen = torch.Generator().manual_seed(1)
     for shape in shapes:
@@ -483,36 +539,23 @@ def optimizer_steps(device: str, shapes: list[tuple[int, int]], ranks: list[int]
         except Exception as error:  # its backend may be missing on this machine: say so, go on
             t_bnb = None
             show(f"bitsandbytes AdamW8bit: unavailable ({type(error).__name__})", float("nan"))
-        reference = PipelineOptimizer([p], AdamW8bitOptions(kernels="torch"))
-        t_ref = timed(reference.step, device, repeats)
-        show("reference AdamW int8 (pipeline, torch)", t_ref)
-        del reference
-        storage = storage_named("int8")
-        state = adam_state(storage, shape, device)
-        t_fused = timed(lambda: K.adam.adam_update(p.data, p.grad, state, storage, 3, 1e-3, *BETAS, 1e-8, True),
-                        device, repeats)
+        t_ref = pipeline_step_time([p], AdamW8bitOptions(kernels="torch"), device, repeats)
+        show("AdamW int8 (pipeline, kernels: torch)", t_ref)
+        t_fused = pipeline_step_time([p], AdamW8bitOptions(kernels="triton"), device, repeats)
         vs_bnb = f"{t_bnb / t_fused:.2f}x bnb" if t_bnb else ""
-        show("fused AdamW int8 (adam_update)", t_fused, f"{t_ref / t_fused:.2f}")
+        show("AdamW int8 (pipeline, kernels: triton)", t_fused, f"{t_ref / t_fused:.2f}")
         if vs_bnb:
             print(f"  {'':<12} {'  fused int8 vs bitsandbytes':<44} {'':>9} {vs_bnb:>7}")
         for rank in ranks:
-            basis = torch.linalg.qr(torch.randn(min(shape), rank, generator=gen).to(device)).Q
-            for name, options, residual_name, state_dtype in (
-                    ("GaLore", GaloreOptions, "drop", "int8"), ("GaLore", GaloreOptions, "drop", "fp32"),
-                    ("Fira", FiraOptions, "fira", "fp32")):
-                reference = PipelineOptimizer([{"params": [p], "projected": True}],
-                                              options(rank=rank, update_gap=10 ** 9, state_dtype=state_dtype,
-                                                      kernels="torch"))
-                reference.step()  # the one refresh (SVD), outside the timing
-                t_ref = timed(reference.step, device, repeats)
-                del reference
-                residual = RESIDUALS[residual_name](scale=0.25, fira_variant="code")
-                storage = storage_named(state_dtype)
-                state = adam_state(storage, (rank, max(shape)), device)
-                t_fused = timed(lambda: fused_projected_step(p.data, p.grad, basis, state, storage, residual, 3),
-                                device, repeats)
-                show(f"{name} r{rank} {state_dtype}: reference", t_ref)
-                show(f"{name} r{rank} {state_dtype}: fused", t_fused, f"{t_ref / t_fused:.2f}")
+            for name, options, state_dtype in (("GaLore", GaloreOptions, "int8"), ("GaLore", GaloreOptions, "fp32"),
+                                               ("Fira", FiraOptions, "fp32")):
+                times = {kernels: pipeline_step_time(
+                    [{"params": [p], "projected": True}],
+                    options(rank=rank, update_gap=10 ** 9, state_dtype=state_dtype, kernels=kernels), device, repeats)
+                    for kernels in ("torch", "triton")}
+                show(f"{name} r{rank} {state_dtype}: kernels: torch", times["torch"])
+                show(f"{name} r{rank} {state_dtype}: kernels: triton", times["triton"],
+                     f"{times['torch'] / times['triton']:.2f}")
 
 
 def model_params(device: str, tiny: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -532,10 +575,7 @@ def model_params(device: str, tiny: bool) -> tuple[list[torch.Tensor], list[torc
 
 
 def model_step(device: str, tiny: bool, rank: int, repeats: int) -> None:
-    from lowmem.optim.parts.projectors import canonical
-    from lowmem.optim.pipeline import PipelineOptimizer
     from lowmem.optim.presets import GaloreOptions
-    from lowmem.optim.state.storage import StoragePolicy
 
     projected, dense = model_params(device, tiny)
     params = projected + dense
@@ -547,39 +587,14 @@ def model_step(device: str, tiny: bool, rank: int, repeats: int) -> None:
     del adamw
     print(f"  {'torch AdamW(fused=True)':<58} {t_adamw * 1e3:9.2f} ms")
     times = {}
-    for kernels in ("torch", "triton"):
+    for kernels, per_weight, what in (("torch", False, "kernels: torch"),
+                                      ("triton", True, "kernels: triton, weight by weight"),
+                                      ("triton", False, "kernels: triton, batched (per-kind launches)")):
         options = GaloreOptions(rank=rank, update_gap=10 ** 9, state_dtype="int8", kernels=kernels)
-        pipeline = PipelineOptimizer([{"params": projected, "projected": True}, {"params": dense}], options)
-        pipeline.step()  # the one refresh (SVD), outside the timing
-        times[kernels] = timed(pipeline.step, device, repeats)
-        del pipeline
-        what = "reference path" if kernels == "torch" else "pipeline, kernels: triton (per weight)"
-        print(f"  {f'GaLore r{rank} int8, {what}':<58} {times[kernels] * 1e3:9.2f} ms  "
-              f"{times[kernels] / t_adamw:5.2f}x AdamW")
-    t_ref = times["torch"]
-
-    policy = StoragePolicy("int8")
-    dense_storages = [policy.for_shape(tuple(p.shape)) for p in dense]
-    dense_states = [adam_state(st, p.shape, device) for st, p in zip(dense_storages, dense)]
-    gen = torch.Generator().manual_seed(3)
-    bases = [torch.linalg.qr(torch.randn(min(p.shape), rank, generator=gen).to(device)).Q for p in projected]
-    core_shapes = [(rank, max(p.shape)) for p in projected]
-    core_storages = [policy.for_shape(s) for s in core_shapes]
-    core_states = [adam_state(st, s, device) for st, s in zip(core_storages, core_shapes)]
-    scale, lr = options.scale, 1e-3
-
-    def fused_step() -> None:
-        K.adam.adam_update_multi(dense, [p.grad for p in dense], dense_states, dense_storages, [3] * len(dense),
-                                 [lr] * len(dense), [0.0] * len(dense), *BETAS, 1e-8, False, decay_after=True)
-        cores = [basis.T @ canonical(p.grad) for basis, p in zip(bases, projected)]
-        directions = K.adam.adam_direction_multi(cores, core_states, core_storages, [3] * len(cores), *BETAS,
-                                                 options.eps, False)
-        for p, basis, direction in zip(projected, bases, directions):
-            canonical(p.data).addmm_(basis, direction, alpha=-lr * scale)
-
-    t_fused = timed(fused_step, device, repeats)
-    print(f"  {f'GaLore r{rank} int8, fused (per-kind launches + GEMMs)':<58} {t_fused * 1e3:9.2f} ms  "
-          f"{t_fused / t_adamw:5.2f}x AdamW  ({t_ref / t_fused:.2f}x faster than the reference)")
+        groups = [{"params": projected, "projected": True}, {"params": dense}]
+        times[what] = t = pipeline_step_time(groups, options, device, repeats, per_weight)
+        versus = f"  ({times['kernels: torch'] / t:.2f}x faster than kernels: torch)" if kernels == "triton" else ""
+        print(f"  {f'GaLore r{rank} int8, {what}':<58} {t * 1e3:9.2f} ms  {t / t_adamw:5.2f}x AdamW{versus}")
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Triton where it imports, stand-ins where it does not: kernel modules take `triton`, `tl` and `jit` from here,
-so `import lowmem` and every reference path work on machines without Triton (the dispatcher then never picks it).
+so `import lowmem` and every torch path work on machines without Triton (the dispatcher then never picks it).
 
 `TRITON_INTERPRET=1` must be set before a kernel module is imported: `triton.jit` decides at decoration time
 whether a kernel is compiled for the GPU or run by the CPU interpreter."""

@@ -1,15 +1,14 @@
-"""Adafactor's factored update (lowmem.optim.parts.adafactor.adafactor_math) in three passes over the gradient.
+"""Adafactor's factored update of a matrix in three passes over the gradient.
 
     1. row sums and per-row-block column sums of G^2 + eps1 (one read of G; column partials summed by torch,
        deterministic)
        torch, on the row and column vectors only: R, C moving averages, row factor rsqrt(R / mean R), rsqrt(C)
     2. sum of (r_i c_j G_ij)^2 per tile: the update's RMS, for the clipping divisor max(1, RMS / clip)
     3. U = factor r_i c_j G_ij / clip; with a first moment M = beta1 M + (1 - beta1) U, U = M; written as a fresh
-       fp32 direction (the pipeline applies it and the decay)
+       fp32 direction (the caller applies it and the decay)
 
-The clipping divisor stays on the device (no host sync). Matrices only (the core's 1-D second moments are
-vectors: its reference path). A first moment kept quantized (int8 / int4 storage) is read and written by its
-storage around the kernel, which then updates it as fp32.
+The clipping divisor stays on the device (no host sync). Matrices only; the first moment, when given, is an
+fp32 or bf16 tensor the last pass updates in place.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import torch
 
 from lowmem.kernels._triton import cdiv, jit, tl
 from lowmem.kernels.common import store_float
-from lowmem.optim.parts.adafactor import adafactor_math
 
 
 @jit
@@ -76,7 +74,7 @@ def _tiles(device: torch.device) -> tuple[int, int]:
 
 
 def handles(grad: torch.Tensor) -> bool:
-    """Whether the kernels factor this gradient (2-D; vectors keep the core's unfactored reference)."""
+    """Whether the kernels factor this gradient (2-D: a vector's second moment is not factored)."""
     return grad.dim() == 2
 
 
@@ -112,17 +110,3 @@ def adafactor_direction(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor
                             cols, *grad.stride(), factor, beta1, 1.0 - beta1, HAS_M=has_m, BLOCK_R=block_r,
                             BLOCK_C=block_c)
     return direction
-
-
-def reference_adafactor_direction(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2: float,
-                                  eps1: float, clip_threshold: float, factor: float,
-                                  exp_avg: Optional[torch.Tensor] = None, beta1: float = 0.0) -> torch.Tensor:
-    """AdafactorCore.step's math for a matrix, with its first moment as a plain tensor."""
-    update = adafactor_math(grad.float(), row, col, None, beta2, eps1, clip_threshold).mul_(factor)
-    if exp_avg is None:
-        return update
-    moment = exp_avg.float()
-    moment.mul_(beta1).add_(update, alpha=1.0 - beta1)
-    if moment is not exp_avg:
-        exp_avg.copy_(moment)
-    return moment.clone()

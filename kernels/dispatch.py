@@ -1,9 +1,9 @@
 """Which implementation runs an optimizer's element-wise work: `optimizer.kernels: auto | triton | torch`.
 
-    auto    Triton when the tensors are on CUDA and Triton imports; the pure-torch reference otherwise
+    auto    Triton when the tensors are on CUDA and Triton imports; the pure-torch path otherwise
     triton  the Triton kernels; on a machine without CUDA this is refused with a clear message, unless
             TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests: correct and very slow)
-    torch   the pure-torch reference (the code the optimizer runs without kernels)
+    torch   the pure-torch path (the code the optimizer runs without kernels)
 """
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def resolve_backend(choice: str, device: torch.device | str) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("optimizer.kernels is 'triton' but Triton cannot be imported here; install triton or "
-                           "use kernels: auto (the pure-torch reference off CUDA)")
+                           "use kernels: auto (the pure-torch path off CUDA)")
     if device.type != "cuda" and not interpreting():
         raise RuntimeError(f"optimizer.kernels is 'triton' but the weights are on '{device}': Triton kernels need "
-                           f"CUDA tensors. Use kernels: auto (Triton on CUDA, the pure-torch reference elsewhere) "
+                           f"CUDA tensors. Use kernels: auto (Triton on CUDA, the pure-torch path elsewhere) "
                            f"or torch; to run the kernels on CPU in Triton's interpreter (tests only, slow), set "
                            f"TRITON_INTERPRET=1 before lowmem is imported")
     return "triton"

@@ -1,17 +1,15 @@
-"""MicroAdam's update (lowmem.optim.parts.microadam.MicroAdamCore.step) with its dense passes fused.
+"""MicroAdam's dense passes, fused.
 
-    ef_correct       a = g + Q^-1(e): one pass reading the gradient and the 4-bit error feedback
-    top-k            torch.topk per block of the corrected gradient (a library primitive, like the matmuls of the
-                     projected update); the window row and the zeroing of the chosen entries touch k_init of the
-                     elements (1%), in torch
-    ef_quantize      e = Q(a): per bucket min / max (rounded to bf16), codes, two per byte, in one pass
-    window_direction one program per top-k block: zero the block, add each window row's values (scaled by
-                     beta^age) into it row after row (indices are unique within a row; a barrier between rows),
-                     then D = c1 m / (sqrt(c2 v) + eps) over the block, written once
+    ef_correct       a = g + Q^-1(e): one pass reading the gradient and the 4-bit error feedback (codes two a
+                     byte, element 2i in the low nibble; per bucket a bf16 min and max: e = min + code (max -
+                     min) / levels)
+    ef_quantize_into e = Q(a): per bucket min / max (rounded to bf16), codes, two per byte, in one pass
+    window_direction one program per top-k block: zero the block, add each window row's values (scaled by its
+                     row weights) into it row after row (indices are block-local, unique within a row; a barrier
+                     between rows), then D = c1 m / (sqrt(c2 v) + eps) over the block, written once
 
-The state tensors are the core's (window_indices int16 block-local, window_values bf16 / fp32, ef_codes
-packed, ef_min / ef_max bf16), so the two paths read each other's state. ef_quantize needs an even bucket
-(pairs of codes never straddle two buckets); an odd `ef_block` uses the reference's `ef_quantize`.
+The top-k selection between them (torch.topk per block) and the window row's write are the caller's.
+ef_quantize_into needs an even bucket (pairs of codes never straddle two buckets).
 """
 from __future__ import annotations
 
@@ -19,16 +17,6 @@ import torch
 
 from lowmem.kernels._triton import cdiv, jit, next_power_of_2, tl
 from lowmem.kernels.common import offset, round_bf16
-from lowmem.optim.parts.cores import CoreContext
-from lowmem.optim.parts.microadam import (
-    EF_LEVELS,
-    MicroAdamCore,
-    block_starts,
-    blockwise_topk,
-    ef_quantize,
-    topk_layout,
-)
-from lowmem.optim.state.storage import StoragePolicy
 
 
 @jit
@@ -113,9 +101,10 @@ def _tiles(device: torch.device) -> int:
     return 16384 if device.type != "cuda" else 1024
 
 
-def ef_correct(grad: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-               bucket: int) -> torch.Tensor:
-    """Flat fp32 g + Q^-1(e) (lowmem.optim.parts.microadam.ef_dequantize added to the gradient)."""
+def ef_correct(grad: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bucket: int,
+               levels: int) -> torch.Tensor:
+    """Flat fp32 g + Q^-1(e): the gradient (any shape; 2-D read with its strides) plus the decoded error
+    feedback of `bucket` elements per min / max."""
     numel = grad.numel()
     if grad.dim() == 2:
         ncols, s0, s1 = grad.shape[1], *grad.stride()
@@ -125,73 +114,37 @@ def ef_correct(grad: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, high:
     out = torch.empty(numel, device=grad.device)
     block = _tiles(grad.device)
     _ef_correct_kernel[(cdiv(numel, block),)](out, grad, codes, low, high, numel, ncols, s0, s1, bucket,
-                                              float(EF_LEVELS), STRIDED=not grad.is_contiguous(), BLOCK=block)
+                                              float(levels), STRIDED=not grad.is_contiguous(), BLOCK=block)
     return out
 
 
-def ef_quantize_into(values: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                     bucket: int) -> None:
-    """`microadam.ef_quantize(values, bucket)` written into the existing code and min / max tensors."""
+def ef_quantize_into(values: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bucket: int,
+                     levels: int) -> None:
+    """Quantize the flat fp32 `values` into the existing codes and bf16 min / max tensors: per even-sized
+    bucket, code = floor((x - min) / u + 1/2) clamped to [0, levels], u = max((max - min) / levels, 1e-30)."""
     if bucket % 2:
-        for stored, new in zip((codes, low, high), ef_quantize(values, bucket)):
-            stored.copy_(new)
-        return
+        raise ValueError(f"the fused error-feedback quantizer takes even buckets, got {bucket}")
     numel = values.numel()
     num_buckets = cdiv(numel, bucket)
     pairs = next_power_of_2(bucket // 2)
     buckets = max(1, _tiles(values.device) * 2 // (2 * pairs))  # powers of 2: about 2 blocks of elements
-    _ef_quantize_kernel[(cdiv(num_buckets, buckets),)](codes, low, high, values, numel, num_buckets,
-                                                       float(EF_LEVELS), HALF=bucket // 2, PAIRS=pairs,
-                                                       BUCKETS=buckets)
+    _ef_quantize_kernel[(cdiv(num_buckets, buckets),)](codes, low, high, values, numel, num_buckets, float(levels),
+                                                       HALF=bucket // 2, PAIRS=pairs, BUCKETS=buckets)
 
 
-def window_direction(state: dict, step: int, window: int, numel: int, topk_block: int, k_init: float,
-                     beta1: float, beta2: float, eps: float) -> torch.Tensor:
-    """`microadam_math` over the window's valid rows, as a fresh flat fp32 direction."""
-    device = state["window_values"].device
-    rows = min(step, window)
-    ages = (step - 1 - torch.arange(rows, device=device)) % window
-    w1 = beta1 ** ages.float()
-    w2 = beta2 ** ages.float()
-    full, k_full, k_last = topk_layout(numel, topk_block, k_init)
-    width = state["window_values"].shape[1]
+def window_direction(indices: torch.Tensor, values: torch.Tensor, rows: int, first_weights: torch.Tensor,
+                     second_weights: torch.Tensor, numel: int, topk_block: int, full_blocks: int, k_full: int,
+                     k_last: int, c1: float, c2: float, eps: float) -> torch.Tensor:
+    """c1 m / (sqrt(c2 v) + eps) as a fresh flat fp32 direction of `numel` elements, m and v the sums over the
+    first `rows` window rows r of first_weights[r] V_r and second_weights[r] V_r^2 (zero where no row holds an
+    entry). `indices` (int16, block-local) and `values` are the window (rows x width): top-k block b, of
+    `topk_block` elements, owns k_full columns from b * k_full (the last, partial block k_last)."""
+    device = values.device
+    width = values.shape[1]
     out = torch.empty(numel, device=device)
     scratch = torch.empty(numel, device=device)
-    c1 = (1.0 - beta1) / (1.0 - beta1 ** step)
-    c2 = (1.0 - beta2) / (1.0 - beta2 ** step)
     _window_direction_kernel[(cdiv(numel, topk_block),)](
-        out, scratch, state["window_indices"], state["window_values"], w1, w2, rows, width, numel, topk_block,
-        full, k_full, k_last, c1, c2, eps, K=next_power_of_2(max(k_full, k_last)),
+        out, scratch, indices, values, first_weights, second_weights, rows, width, numel, topk_block,
+        full_blocks, k_full, k_last, c1, c2, eps, K=next_power_of_2(max(k_full, k_last)),
         CHUNK=min(next_power_of_2(topk_block), _tiles(device)))
     return out
-
-
-def microadam_direction(grad: torch.Tensor, state: dict, options, beta1: float, beta2: float,
-                        eps: float) -> torch.Tensor:
-    """One MicroAdamCore update on an initialized `state` (options: window, k_init, topk_block, ef_block): the
-    window row, the error feedback and the counters change as the core changes them; returns the direction in
-    grad's shape (fresh fp32)."""
-    o = options
-    numel = grad.numel()
-    state["micro_step"] += 1
-    step = state["micro_step"]
-    corrected = ef_correct(grad, state["ef_codes"], state["ef_min"], state["ef_max"], o.ef_block)
-    chosen = blockwise_topk(corrected, o.topk_block, o.k_init)
-    starts = block_starts(numel, o.topk_block, o.k_init, grad.device)
-    row = state["window_row"]
-    state["window_indices"][row] = (chosen - starts).to(torch.int16)
-    state["window_values"][row] = corrected[chosen].to(state["window_values"].dtype)
-    state["window_row"] = (row + 1) % o.window
-    corrected[chosen] = 0.0
-    ef_quantize_into(corrected, state["ef_codes"], state["ef_min"], state["ef_max"], o.ef_block)
-    direction = window_direction(state, step, o.window, numel, o.topk_block, o.k_init, beta1, beta2, eps)
-    return direction.view(grad.shape)
-
-
-def reference_microadam_direction(grad: torch.Tensor, state: dict, options, beta1: float, beta2: float,
-                                  eps: float) -> torch.Tensor:
-    """The core's own step."""
-    core = MicroAdamCore(options, StoragePolicy("fp32"))
-    group = {"betas": (beta1, beta2), "eps": eps}
-    return core.step(grad, state, group, CoreContext(grad)).direction
-

@@ -5,7 +5,7 @@ import torch
 from lowmem.kernels import dispatch
 
 
-def test_auto_is_the_reference_off_cuda_and_torch_is_always_the_reference():
+def test_auto_is_torch_off_cuda_and_torch_is_always_torch():
     assert dispatch.resolve_backend("auto", "cpu") == "torch"
     assert dispatch.resolve_backend("torch", "cpu") == "torch"
 
@@ -38,7 +38,7 @@ def test_unknown_backend():
 
 @pytest.mark.subprocess
 def test_lowmem_works_where_triton_cannot_be_imported():
-    """The reference path runs, auto resolves to it, and a kernel launch says why it cannot run."""
+    """The torch path runs, auto resolves to it, and a kernel launch says why it cannot run."""
     import subprocess
     import sys
     from pathlib import Path
@@ -51,15 +51,19 @@ class NoTriton:
             raise ImportError("triton is not installed")
 sys.meta_path.insert(0, NoTriton())
 import torch
-import lowmem.optim, lowmem.kernels.residual, lowmem.kernels.adafactor, lowmem.kernels.microadam
+import lowmem.kernels.residual, lowmem.kernels.adafactor, lowmem.kernels.microadam
 from lowmem.kernels import adam
 from lowmem.kernels.dispatch import resolve_backend
-from lowmem.optim.state.storage import FP32
+from lowmem.optim.presets import AdamW8bitOptions, GaloreOptions
+from lowmem.optim.pipeline import PipelineOptimizer
 assert resolve_backend("auto", "cuda") == "torch"
-state = {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
-print(adam.reference_adam_direction(torch.ones(3), state, FP32, 1, 0.9, 0.999, 1e-8, True).tolist())
+for options in (GaloreOptions(rank=2), AdamW8bitOptions()):
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    weight.grad = torch.ones(4, 3)
+    PipelineOptimizer([{"params": [weight], "projected": True}], options).step()
+    print(weight.tolist())
 try:
-    adam.adam_direction(torch.ones(3), state, FP32, 1, 0.9, 0.999, 1e-8, True)
+    adam.adam_direction(torch.ones(3), adam.Moments(torch.zeros(3), torch.zeros(3)), 1, 0.9, 0.999, 1e-8, True)
 except RuntimeError as error:
     print(error)
 """

@@ -1,8 +1,9 @@
 """`optimizer.kernels`: whole PipelineOptimizer updates with the Triton kernels (interpreted, tiny CPU tensors)
-against the same optimizer on the pure-torch reference path, and the option's validation.
+against the same optimizer on the pure-torch path, and the option's validation.
 
 With `kernels: triton` the Adam core runs `lowmem.kernels.adam`: the fused direction for projected cores and
-the fused step-and-update for dense weights. Tolerances as in test_kernels_adam: rtol 1e-5 on fp32 weights
+the fused step-and-update for dense weights, weight by weight (`step_param`) or in multi-tensor launches
+(`step()`, lowmem.optim.batched). Tolerances as in test_kernels_adam: rtol 1e-5 on fp32 weights
 (relative to the weights' scale for the differences that cancelling moments carry), one bf16 unit on bf16
 weights; quantized moments compared through their codes, which may differ by one level at a tie."""
 import pytest
@@ -22,6 +23,7 @@ from lowmem.optim.presets import (
     StableSpamOptions,
 )
 from lowmem.optim.registry import parse_optimizer_options
+from test_batched_step import update
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter
@@ -37,7 +39,8 @@ def make_params(dtype=torch.float32):
     return mats, dense
 
 
-def run(options, dtype=torch.float32, steps=2, optimizer=None, params=None, first_step=0):
+def run(options, dtype=torch.float32, steps=2, optimizer=None, params=None, first_step=0, per_weight=False):
+    """`steps` updates by step() (per_weight: begin_update and step_param, weight by weight)."""
     mats, dense = params or make_params(dtype)
     opt = optimizer or PipelineOptimizer([{"params": mats, "projected": True, "weight_decay": 0.1},
                                           {"params": dense, "weight_decay": 0.0}], options)
@@ -48,7 +51,7 @@ def run(options, dtype=torch.float32, steps=2, optimizer=None, params=None, firs
             continue
         for p, g in zip(mats + dense, grads):
             p.grad = g
-        opt.step()
+        update(opt, mats + dense, per_weight)
     return opt, mats + dense
 
 
@@ -81,21 +84,26 @@ def assert_same_run(ours, theirs, dtype):
     AdamW8bitOptions(weight_decay=0.1),
     AdamW4bitOptions(),
 ], ids=["galore-int8", "galore-int4", "fira-fp32", "frugal-svd-int8", "adamw8bit", "adamw4bit"])
-def test_triton_kernels_match_the_reference_path(options, monkeypatch):
+@pytest.mark.parametrize("per_weight", [True, False], ids=["per-weight", "batched"])
+def test_triton_kernels_match_the_reference_path(options, per_weight, monkeypatch):
     from lowmem.kernels import adam
 
-    calls = {"adam_update": 0, "adam_direction": 0}
+    names = ("adam_update", "adam_direction", "adam_update_multi", "adam_direction_multi")
+    calls = dict.fromkeys(names, 0)
     for name in calls:
         def counted(*args, name=name, original=getattr(adam, name), **kwargs):
             calls[name] += 1
             return original(*args, **kwargs)
         monkeypatch.setattr(adam, name, counted)
-    reference = run(type(options)(**{**options.__dict__, "kernels": "torch"}))
-    assert calls == {"adam_update": 0, "adam_direction": 0}
-    triton = run(type(options)(**{**options.__dict__, "kernels": "triton"}))
-    # 2 updates: projected cores take the fused direction, dense weights the fused step-and-update
-    assert calls == ({"adam_update": 4, "adam_direction": 4} if options.projects else
-                     {"adam_update": 8, "adam_direction": 0})
+    reference = run(type(options)(**{**options.__dict__, "kernels": "torch"}), per_weight=True)
+    assert calls == dict.fromkeys(names, 0)
+    triton = run(type(options)(**{**options.__dict__, "kernels": "triton"}), per_weight=per_weight)
+    # 2 updates: projected cores take the fused direction, dense weights the fused step-and-update; step()
+    # batches each update into one multi-tensor launch for the cores and one for the dense weights
+    projected, dense = (2, 2) if options.projects else (0, 4)
+    expected = (dict(adam_update=2 * dense, adam_direction=2 * projected) if per_weight else
+                dict(adam_update_multi=2, adam_direction_multi=2 if projected else 0))
+    assert calls == dict(dict.fromkeys(names, 0), **expected)
     assert_same_run(triton, reference, torch.float32)
 
 
@@ -171,10 +179,11 @@ def test_projected_epilogue_is_the_path_taken(monkeypatch):
     from lowmem.kernels import residual
 
     calls = []
-    original = residual.projected_update
-    monkeypatch.setattr(residual, "projected_update", lambda *a, **k: calls.append(1) or original(*a, **k))
-    run(with_kernels(FiraOptions(rank=8), "triton"), steps=2, params=odd_params())
-    assert len(calls) == 2 * 3
+    original = residual.epilogue
+    monkeypatch.setattr(residual, "epilogue", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for per_weight in (True, False):
+        run(with_kernels(FiraOptions(rank=8), "triton"), steps=2, params=odd_params(), per_weight=per_weight)
+    assert len(calls) == 2 * 2 * 3
 
 
 def test_bf16_weights_through_the_epilogue():
@@ -197,7 +206,7 @@ def test_spam_transforms_fused_with_adam(options, monkeypatch):
 
     clips = []
     original = adam._launch
-    monkeypatch.setattr(adam, "_launch", lambda *a, **k: clips.append(a[-1] if len(a) > 14 else k.get("clip"))
+    monkeypatch.setattr(adam, "_launch", lambda *a, **k: clips.append(a[-1] if len(a) > 13 else k.get("clip"))
                         or original(*a, **k))
     triton = run(with_kernels(options, "triton"), steps=5, params=odd_params())
     assert len(clips) == 5 * 5 and any(c is not None for c in clips) == ("spam" in options.transforms)

@@ -1,7 +1,9 @@
-"""The projected update's fused epilogue (lowmem.kernels.residual) under the Triton interpreter against the
-pipeline's own code: back-projection with scale, Fira's scaled and limited residual (both variants, over
-several updates so the limiter engages), FRUGAL's sign and SGD steps, an empty subspace, weight decay in both
-conventions, wide and tall weights, non-contiguous gradients, fp32 and bf16 weights.
+"""The projected update's fused epilogue (lowmem.kernels.residual, driven by PipelineOptimizer._fused_epilogue)
+under the Triton interpreter against the pipeline's torch path after the core step (_back_projected and the
+convention's apply_update, on an fp32 copy of the weight): back-projection with scale, Fira's scaled and
+limited residual (both variants, over several updates so the limiter engages), FRUGAL's sign and SGD steps,
+an empty subspace, weight decay in both conventions, wide and tall weights, non-contiguous gradients, fp32
+and bf16 weights.
 
 Tolerance: fp32 weights rtol 1e-5 / atol 1e-6 (summation order of matmuls and norms); bf16 weights one bf16
 unit in the last place (rtol 2^-7)."""
@@ -10,16 +12,34 @@ import torch
 
 from lowmem.kernels import residual as kr
 from lowmem.optim.parts.projectors import canonical
-from lowmem.optim.parts.residuals import RESIDUALS
+from lowmem.optim.pipeline import PipelineOptimizer
+from lowmem.optim.presets import GaloreOptions
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter
 
 RANK = 8
+CORRECTION, LR, DECAY = 0.8, 1e-2, 1e-3  # the core's bias correction, the step's lr, lr * weight_decay
 
 
-def make_residual(name, variant="paper"):
-    return RESIDUALS[name](scale=0.25, fira_gamma=1.01, fira_variant=variant, inactive_lr_scale=0.5)
+def optimizer(name, variant="paper", decay_after=True):
+    """A pipeline optimizer with the residual policy `name` (scale 0.25; FRUGAL's steps at half that)."""
+    options = dict(residual=name, scale=0.25, adam_convention="galore" if decay_after else "torch")
+    if name == "fira":
+        options.update(fira_gamma=1.01, fira_variant=variant)
+    if name in ("sign_sgd", "sgd"):
+        options.update(inactive_lr_scale=0.5)
+    return PipelineOptimizer([torch.nn.Parameter(torch.zeros(2, 2))], GaloreOptions(**options))
+
+
+def torch_rule(opt, weight, grad, basis, core_grad, direction, state, correction, lr, decay):
+    """update_weight's projected path after the core step on the torch path, on an fp32 copy of the weight."""
+    fp32 = weight.float()
+    direction = direction.clone() if direction is not None else None  # _back_projected may overwrite it
+    update_c = opt._back_projected(canonical(grad.float()), core_grad, direction, correction, state, basis)
+    opt.convention.apply_update(canonical(fp32), update_c, lr, decay)
+    if fp32 is not weight:
+        weight.copy_(fp32)
 
 
 def inputs(shape, step, contiguous=True, empty=False):
@@ -43,12 +63,11 @@ def run(shape, name, variant="paper", weight_dtype=torch.float32, decay_after=Tr
     weight = torch.randn(shape).to(weight_dtype)
     ours, ref = weight.clone(), weight.clone()
     ours_state, ref_state = {}, {}
-    policy = make_residual(name, variant)
+    opt = optimizer(name, variant, decay_after)
     for step in range(1, steps + 1):
         grad, basis, core_grad, direction = inputs(shape, step, contiguous, empty)
-        args = (policy, None, 0.8, 1e-2, 1e-3, decay_after)
-        kr.reference_projected_update(ref, grad, basis, core_grad, direction, policy, ref_state, *args[2:])
-        kr.projected_update(ours, grad, basis, core_grad, direction, policy, ours_state, *args[2:])
+        torch_rule(opt, ref, grad, basis, core_grad, direction, ref_state, CORRECTION, LR, DECAY)
+        opt._fused_epilogue(ours, grad, basis, core_grad, direction, CORRECTION, ours_state, LR, DECAY)
     if weight_dtype == torch.bfloat16:
         torch.testing.assert_close(ours.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
     else:
@@ -79,31 +98,33 @@ def test_empty_subspace(name):
 
 def test_fira_limiter_engages():
     """Growing gradients: the limiter must have cut the residual (else the comparison proves little)."""
-    policy = make_residual("fira")
+    opt = optimizer("fira")
     state = {}
     norms = []
     for step in (1, 2):
         grad, basis, core_grad, direction = inputs((40, 72), step)
-        kr.projected_update(torch.zeros(40, 72), grad, basis, core_grad, direction, policy, state, 0.8, 1e-2, 0.0,
-                            True)
+        opt._fused_epilogue(torch.zeros(40, 72), grad, basis, core_grad, direction, CORRECTION, state, LR, 0.0)
         norms.append(float(state["fira_norm"]))
     assert norms[1] == pytest.approx(norms[0] * 1.01, rel=1e-5)
 
 
 def test_stochastic_rounding_of_bf16_weights():
+    """The epilogue kernel with sign_sgd's terms on a bf16 weight, rounded stochastically, against the torch
+    path's fp32 result."""
     torch.manual_seed(1)
     weight = torch.randn(72, 40).bfloat16()
     grad, basis, core_grad, direction = inputs((72, 40), 1)
-    policy = make_residual("sign_sgd")
     exact = weight.float()
-    kr.reference_projected_update(exact, grad, basis, core_grad, direction, policy, {}, 0.8, 1e-3, 0.0, False)
+    torch_rule(optimizer("sign_sgd", decay_after=False), exact, grad, basis, core_grad, direction, {}, CORRECTION,
+               1e-3, 0.0)
     ours = weight.clone()
-    kr.projected_update(ours, grad, basis, core_grad, direction, policy, {}, 0.8, 1e-3, 0.0, False,
-                        stochastic_rounding=True, seed=3)
+    k = torch.full((1,), 0.25 * 0.5)
+    kr.epilogue(canonical(ours), canonical(grad), 1e-3, 0.0, False, basis @ direction, 0.25, k, basis @ core_grad,
+                sign=True, stochastic_rounding=True, seed=3)
     toward_zero = (exact.view(torch.int32) & -65536).view(torch.float32)
     away = (toward_zero.view(torch.int32) + 65536).view(torch.float32)
     got = ours.float()
-    # the kernel's fp32 value may differ from the reference's in the last bits: allow its own neighbours too
+    # the kernel's fp32 value may differ from the torch path's in the last bits: allow its own neighbours too
     near = (got - exact).abs() <= (away - toward_zero).abs() * (1 + 1e-3)
     assert bool(near.all())
     assert bool(((got == toward_zero) | (got == away)).float().mean() > 0.99)

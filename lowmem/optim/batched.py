@@ -1,31 +1,46 @@
-"""The reference path's batched step: `PipelineOptimizer.step()` on the pure-torch path (optimizer.kernels
-resolved to torch) runs the weights it can in three phases instead of one weight at a time:
+"""The batched step: `PipelineOptimizer.step()` runs the weights it can in three phases instead of one weight
+at a time:
 
     1. per weight, in model order: the projector's refresh when due, then R = P^T Gc (one GEMM)
-    2. per parameter group, over all weights at once with torch._foreach ops: Adam on the dense weights with
-       the weight update in one addcdiv (as torch's AdamW(foreach=True) does it), and Adam on all projected
+    2. over all weights at once: Adam on the dense weights with the weight update, and Adam on all projected
        cores (their directions D)
-    3. per projected weight: the back-projection with the update folded into its GEMM (addmm's beta carries
-       the weight decay for drop, Fira's limited residual for fira), then the projector's adapt step
+    3. per projected weight: the back-projection and the weight update, then the projector's adapt step
 
-Same math as `PipelineOptimizer.update_weight` up to rounding (the order of a few multiplications; the first
-moment by lerp, as torch's AdamW); the pipeline's tests against the released implementations hold it to
-their tolerances. Taken by: the adam core with fp32 states, fp32 weights and gradients, no transforms;
-anything else goes through update_weight, weight by weight.
+On the pure-torch path (optimizer.kernels resolved to torch) phase 2 runs per parameter group with
+torch._foreach ops (the dense update in one addcdiv, as torch's AdamW(foreach=True) does it) and phase 3 folds
+the update into the back-projection GEMM (addmm's beta carries the weight decay for drop, Fira's limited
+residual for fira): the same math as `PipelineOptimizer.update_weight` up to rounding (the order of a few
+multiplications; the first moment by lerp, as torch's AdamW), which the pipeline's tests against the released
+implementations hold to their tolerances. Taken by the adam core with fp32 states, fp32 weights and
+gradients, no transforms.
+
+On the Triton kernels phase 2 is one multi-tensor launch per kind (moment format x weight dtype x gradient
+dtype) for all dense weights with the same betas and eps, and one for all projected cores
+(lowmem.kernels.adam's adam_update_multi / adam_direction_multi), and phase 3 the fused epilogue of each weight:
+the same kernels' arithmetic as update_weight's fused path, weight by weight. Taken by the adam core without
+transforms, any state storage, fp32 or bf16 weights and gradients (a dense weight contiguous; a core the
+kernels cannot batch, rank-1 int4 or strided, is stepped alone in phase 2).
+
+Anything else goes through update_weight, weight by weight.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 
-from lowmem.optim.parts.cores import FIRST, SECOND, bias_correction
+from lowmem.optim.parts.cores import FIRST, SECOND, CoreContext, bias_correction, kernel_moments
 from lowmem.optim.parts.projectors import canonical
 from lowmem.optim.parts.residuals import FIRA_NORM_EPS, DropResidual, FiraResidual
 
-CHUNK_NUMEL = 1 << 24  # elements per foreach call: bounds the temporaries (the denominators) to 64 MiB or one tensor
+if TYPE_CHECKING:
+    from lowmem.kernels.adam import Moments
+
+# elements per foreach call or per multi-tensor direction launch: bounds the temporaries (the denominators, the
+# directions) to 64 MiB or one tensor
+CHUNK_NUMEL = 1 << 24
 
 
 @dataclass
@@ -37,6 +52,7 @@ class _Entry:
     grad_c: Optional[torch.Tensor] = None  # canonical gradient (projected weights)
     core_grad: Optional[torch.Tensor] = None  # R = P^T Gc; None for an empty subspace
     basis: Optional[torch.Tensor] = None  # P of a dense basis, built once for both GEMMs (random: one draw)
+    moments: Optional[Moments] = None  # the kernels' view of the Adam moments (None: not in a multi-tensor launch)
 
 
 def foreach_adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -63,16 +79,50 @@ def foreach_adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], e
         torch._foreach_mul_(params, 1.0 - decay)
 
 
-def _chunks(entries: list[_Entry]) -> Iterator[list[_Entry]]:
+def foreach_adam_direction(grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                           steps: list[int], beta1: float, beta2: float, eps: float,
+                           eps_scaled: bool) -> list[torch.Tensor]:
+    """`adam_math` over lists of fp32 tensors with torch._foreach ops (a few launches for all of them instead of
+    a dozen per tensor), bit for bit: moments updated in place, fresh directions returned."""
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bias1 = [1.0 - beta1 ** s for s in steps]
+    bias2_sqrt = [math.sqrt(1.0 - beta2 ** s) for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if eps_scaled:
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        directions = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(directions, bias1)
+        return directions
+    torch._foreach_add_(denom, eps)
+    directions = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(directions, [b2 / b1 for b1, b2 in zip(bias1, bias2_sqrt)])
+    return directions
+
+
+def _chunks(entries: list[_Entry],
+            numel: Callable[[_Entry], int] = lambda e: e.grad.numel()) -> Iterator[list[_Entry]]:
+    """Consecutive runs of entries of at most CHUNK_NUMEL elements (by `numel`; a larger entry alone)."""
     chunk, size = [], 0
     for entry in entries:
-        if chunk and size + entry.grad.numel() > CHUNK_NUMEL:
+        if chunk and size + numel(entry) > CHUNK_NUMEL:
             yield chunk
             chunk, size = [], 0
         chunk.append(entry)
-        size += entry.grad.numel()
+        size += numel(entry)
     if chunk:
         yield chunk
+
+
+def _by_hyper(entries: list[_Entry]) -> dict[tuple[float, float, float], list[_Entry]]:
+    """Entries by (beta1, beta2, eps), the hyper-parameters one multi-tensor launch shares."""
+    runs: dict[tuple[float, float, float], list[_Entry]] = {}
+    for entry in entries:
+        runs.setdefault((*entry.group["betas"], entry.group["eps"]), []).append(entry)
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,6 +183,9 @@ class BatchedStep:
         self.dense: dict[int, list[_Entry]] = {}
         self.projected: dict[int, list[_Entry]] = {}
         self.empty: list[_Entry] = []
+        self.fused_dense: list[_Entry] = []  # the kernels' batch (module docstring)
+        self.fused_projected: list[_Entry] = []
+        self.fused_empty: list[_Entry] = []
         self._scratch: dict[tuple, torch.Tensor] = {}
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
@@ -145,20 +198,24 @@ class BatchedStep:
 
     @staticmethod
     def applies(opt) -> bool:
-        """Whether the optimizer's rule can batch at all (the per-weight checks are in `add`)."""
-        return (opt.options.implementation != "per_weight" and not opt.options.unbatchable()
-                and opt.policy.state_dtype == "fp32")  # auto: fp32 only when the weights are
+        """Whether the optimizer's rule can batch at all (the per-weight checks are in `add`): the torch path
+        with fp32 states, or weights on the kernels."""
+        if opt.options.implementation == "per_weight" or opt.options.unbatchable():
+            return False
+        return opt.policy.state_dtype == "fp32" or any(opt._fused(p.device) for g in opt.param_groups
+                                                       for p in g["params"])
 
     def add(self, p: torch.Tensor, group: dict) -> bool:
         """Take p's update into the batch (its refresh and projection now); False: step it alone."""
         opt = self.opt
         grad = p.grad
-        if (grad is None or p in opt._core_grads or p.dtype != torch.float32 or grad.dtype != torch.float32
-                or grad.is_sparse or opt._fused(p.device)):
+        if grad is None or p in opt._core_grads or grad.is_sparse:
             return False
-        state = opt.state[p]
-        state.setdefault("step", 0)
-        opt._update_index = max(opt._update_index, state["step"])
+        if opt._fused(p.device):
+            return self._add_fused(p, grad, group)
+        if p.dtype != torch.float32 or grad.dtype != torch.float32 or opt.policy.state_dtype != "fp32":
+            return False
+        state = self._begin(p)
         entry = _Entry(p, grad, state, group)
         if opt._is_projected(p, group):
             opt._refresh_if_due(grad, state, opt._keys[p])
@@ -178,6 +235,40 @@ class BatchedStep:
             self.dense.setdefault(id(group), []).append(entry)
         return True
 
+    def _begin(self, p: torch.Tensor) -> dict:
+        """p's state, with the update index moved on as update_weight moves it."""
+        opt = self.opt
+        state = opt.state[p]
+        state.setdefault("step", 0)
+        opt._update_index = max(opt._update_index, state["step"])
+        return state
+
+    def _add_fused(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
+        """`add` on the kernels: a dense weight into one multi-tensor update, a projected weight's core into
+        one multi-tensor direction (update_weight's fused path, batched)."""
+        opt = self.opt
+        if p.dtype not in (torch.float32, torch.bfloat16) or grad.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if not opt._is_projected(p, group):
+            if not (p.is_contiguous() and grad.is_contiguous() and opt.core.fusable(grad.shape)):
+                return False
+            state = self._begin(p)
+            self.fused_dense.append(_Entry(p, grad, state, group,
+                                           moments=kernel_moments(state, opt.core._count(grad, state))))
+            return True
+        state = self._begin(p)
+        grad = grad.float()  # as update_weight: the projection and the epilogue read fp32
+        opt._refresh_if_due(grad, state, opt._keys[p])
+        entry = _Entry(p, grad, state, group, grad_c=canonical(grad))
+        if opt.projector.is_empty(state):
+            self.fused_empty.append(entry)
+            return True
+        entry.core_grad = opt.projector.project(state, entry.grad_c)
+        if opt.core.fusable(entry.core_grad.shape) and entry.core_grad.is_contiguous():
+            entry.moments = kernel_moments(state, opt.core._count(entry.core_grad, state))
+        self.fused_projected.append(entry)
+        return True
+
     def finish(self) -> None:
         opt = self.opt
         convention = opt.convention
@@ -190,8 +281,6 @@ class BatchedStep:
                                     [e.state["adam_step"] for e in chunk], group["lr"], beta1, beta2, group["eps"],
                                     convention.eps_scaled, group["lr"] * group["weight_decay"],
                                     convention.decay_after)
-        from lowmem.kernels.adam import foreach_adam_direction  # the reference module: no Triton needed
-
         for entries in self.projected.values():
             group = entries[0].group
             beta1, beta2 = group["betas"]
@@ -204,10 +293,62 @@ class BatchedStep:
                     self._epilogue(entry, direction, bias_correction(entry.state["adam_step"], beta1, beta2))
         for entry in self.empty:
             self._epilogue(entry, None, 1.0)
-        for entries in (*self.dense.values(), *self.projected.values(), self.empty):
+        if self.fused_dense or self.fused_projected or self.fused_empty:
+            self._finish_fused()
+        for entries in (*self.dense.values(), *self.projected.values(), self.empty, self.fused_dense,
+                        self.fused_projected, self.fused_empty):
             for entry in entries:
                 entry.state["step"] += 1
                 opt._updates_done = max(opt._updates_done, entry.state["step"])
+
+    def _finish_fused(self) -> None:
+        """Phases 2 and 3 on the kernels."""
+        from lowmem.kernels.adam import adam_direction_multi, adam_update_multi  # lazily: they import Triton
+
+        opt = self.opt
+        convention = opt.convention
+        for (beta1, beta2, eps), entries in _by_hyper(self.fused_dense).items():
+            adam_update_multi([e.param for e in entries], [e.grad for e in entries], [e.moments for e in entries],
+                              [e.state["adam_step"] for e in entries], [e.group["lr"] for e in entries],
+                              [e.group["lr"] * e.group["weight_decay"] for e in entries], beta1, beta2, eps,
+                              convention.eps_scaled, convention.decay_after)
+        for (beta1, beta2, eps), entries in _by_hyper(self.fused_projected).items():
+            for chunk in _chunks(entries, lambda e: e.core_grad.numel()):  # the directions' memory
+                batch = [e for e in chunk if e.moments is not None]
+                directions = adam_direction_multi([e.core_grad for e in batch], [e.moments for e in batch],
+                                                  [e.state["adam_step"] for e in batch], beta1, beta2, eps,
+                                                  convention.eps_scaled) if batch else []
+                by_entry = dict(zip(map(id, batch), directions))
+                for entry in chunk:
+                    weight = entry.param.float()
+                    if id(entry) in by_entry:
+                        direction = by_entry.pop(id(entry))
+                        correction = bias_correction(entry.state["adam_step"], beta1, beta2)
+                    else:  # the core's own fused step, alone
+                        ctx = CoreContext(weight, opt._keys[entry.param].label, fused=True)
+                        direction, _, correction = opt._core_step(entry.core_grad, entry.state, entry.group, ctx,
+                                                                  None)
+                    self._fused_epilogue(entry, weight, direction, correction)
+        for entry in self.fused_empty:
+            self._fused_epilogue(entry, entry.param.float(), None, 1.0)
+
+    def _fused_epilogue(self, entry: _Entry, weight: torch.Tensor, direction: Optional[torch.Tensor],
+                        correction: float) -> None:
+        """update_weight's phase after the core on the kernels: the fused epilogue where it applies, else the
+        back-projection in torch; `weight` is p in fp32 (p itself when fp32), copied back."""
+        opt = self.opt
+        group, state = entry.group, entry.state
+        lr = group["lr"]
+        decay = lr * group["weight_decay"]
+        if opt._fuses_epilogue(state):
+            opt._fused_epilogue(weight, entry.grad, opt._fused_basis(state, entry.grad, entry.core_grad),
+                                entry.core_grad, direction, correction, state, lr, decay)
+        else:
+            update_c = opt._back_projected(entry.grad_c, entry.core_grad, direction, correction, state)
+            opt.convention.apply_update(canonical(weight), update_c, lr, decay)
+        if weight is not entry.param:
+            entry.param.copy_(weight)
+        opt.projector.adapt(state, entry.grad_c, lr / group["initial_lr"], entry.core_grad)
 
     def _epilogue(self, entry: _Entry, direction: Optional[torch.Tensor], correction: float) -> None:
         opt = self.opt

@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from lowmem.errors import ConfigError
 from lowmem.kernels.dispatch import resolve_backend
 from lowmem.optim.batched import BatchedStep
 from lowmem.optim.parts.cores import ADAM_CONVENTIONS, CORES, MOMENT_POLICIES, Core, CoreContext
@@ -98,6 +99,10 @@ class PipelineOptimizer(torch.optim.Optimizer):
             inactive_lr_scale=options.inactive_lr_scale)
         self.transforms = TransformChain(options)
         self.directions = DirectionChain(options)
+        if options.implementation == "batched" and not BatchedStep.applies(self):
+            raise ConfigError(f"optimizer.implementation: batched steps {self.policy.state_dtype} moments only on the "
+                              f"Triton kernels (CUDA), and these weights take the torch path; use implementation "
+                              f"auto or per_weight")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -146,7 +151,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.begin_update()
-        # the reference path batches what it can across weights (lowmem.optim.batched); the rest, one by one
+        # both paths batch what they can across weights (lowmem.optim.batched); the rest, one by one
         batch = BatchedStep(self) if BatchedStep.applies(self) else None
         for group in self.param_groups:
             for p in group["params"]:
@@ -346,7 +351,9 @@ class PipelineOptimizer(torch.optim.Optimizer):
             core_grad = projector.project(state, grad_c)
             direction, decay_scale, correction = self._core_step(core_grad, state, group, ctx, step)
         if ctx.fused and self._fuses_epilogue(state):
-            self._fused_epilogue(grad, core_grad, direction, correction, decay_scale, state, group, ctx, step)
+            lr = self._step_lr(group) * (step.lr_scale if step is not None else 1.0)
+            self._fused_epilogue(ctx.weight, grad, self._fused_basis(state, grad, core_grad), core_grad, direction,
+                                 correction, state, lr, group["lr"] * group["weight_decay"] * decay_scale)
             update_c = None
         else:
             update_c = self._back_projected(grad_c, core_grad, direction, correction, state)
@@ -380,7 +387,7 @@ class PipelineOptimizer(torch.optim.Optimizer):
     def _back_projected(self, grad_c: torch.Tensor, core_grad: Optional[torch.Tensor],
                         direction: Optional[torch.Tensor], correction: float, state: dict,
                         basis: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """U = scale P D + residual, canonical layout (the reference path); D may be overwritten. `basis`: the
+        """U = scale P D + residual, canonical layout (the torch path); D may be overwritten. `basis`: the
         dense basis already built for this update (else the projector's project_back builds it)."""
         projector = self.projector
         rows = grad_c.shape[0]
@@ -404,30 +411,58 @@ class PipelineOptimizer(torch.optim.Optimizer):
         return update_c
 
     def _fuses_epilogue(self, state: dict) -> bool:
-        """Whether lowmem.kernels.residual's epilogue applies: a residual policy it implements, and a basis it
-        can multiply by (a dense one, or none: an inactive or active block). The coordinates projector keeps
-        its scatter. Transforms are no obstacle: they act on the gradient and the core before it, and their
-        lr scale goes into the kernel's lr."""
-        from lowmem.kernels import residual as fused  # lazily: kernel modules import Triton
-
+        """Whether lowmem.kernels.residual's epilogue applies: a residual policy that gives it its terms, and a
+        basis it can multiply by (a dense one, or none: an inactive or active block). The coordinates projector
+        keeps its scatter. Transforms are no obstacle: they act on the gradient and the core before it, and
+        their lr scale goes into the kernel's lr."""
         projector = self.projector
-        return fused.handles(self.residual) and (projector.dense_basis or projector.is_empty(state)
-                                                 or projector.is_full(state))
+        return self.residual.fusable and (projector.dense_basis or projector.is_empty(state)
+                                          or projector.is_full(state))
 
-    def _fused_epilogue(self, grad: torch.Tensor, core_grad: Optional[torch.Tensor], direction: Optional[torch.Tensor],
-                        correction: float, decay_scale: float, state: dict, group: dict, ctx: CoreContext,
-                        step: Optional[TransformStep]) -> None:
-        """Step ctx.weight by the core's direction in the fused epilogue: back-projection, scale, residual and
-        decay after one GEMM (none for an empty or a whole subspace)."""
-        from lowmem.kernels import residual as fused
+    def _fused_basis(self, state: dict, grad: torch.Tensor,
+                     core_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The dense basis the fused epilogue multiplies by; None for the whole space or an empty subspace."""
+        if core_grad is None or self.projector.is_full(state):
+            return None
+        return self.projector.basis(state, min(grad.shape), grad.device)
 
-        projector = self.projector
-        basis = None
-        if core_grad is not None and not projector.is_full(state):
-            basis = projector.basis(state, min(grad.shape), grad.device)
-        lr = self._step_lr(group) * (step.lr_scale if step is not None else 1.0)
-        fused.projected_update(ctx.weight, grad, basis, core_grad, direction, self.residual, state, correction, lr,
-                               group["lr"] * group["weight_decay"] * decay_scale, self.convention.decay_after)
+    def _fused_epilogue(self, weight: torch.Tensor, grad: torch.Tensor, basis: Optional[torch.Tensor],
+                        core_grad: Optional[torch.Tensor], direction: Optional[torch.Tensor], correction: float,
+                        state: dict, lr: float, decay: float) -> None:
+        """Step `weight` (fp32 or bf16, grad's orientation) by the core's direction D of R = core_grad in the
+        fused epilogue (lowmem.kernels.residual): U = scale P D + residual, back-projected by `basis` (None:
+        the whole space, P = I; or an empty subspace, R and D None) after one GEMM, or none; decay = lr *
+        weight_decay * the core's decay scale, as the convention places it. The same update as
+        `_back_projected` with the convention's apply_update."""
+        from lowmem.kernels.residual import epilogue  # lazily: kernel modules import Triton
+
+        residual = self.residual
+        decay_after = self.convention.decay_after
+        grad_c, weight_c = canonical(grad), canonical(weight)
+        full = basis is None and direction is not None
+        with_residual = residual.needs_back and not (full and residual.vanishes_on_full)
+        if basis is not None and not with_residual and weight.dtype == torch.float32:
+            # U = scale P D: the whole update is one GEMM with the decay as beta
+            alpha = -lr * residual.scale * ((1.0 - decay) if decay_after else 1.0)
+            weight_c.addmm_(basis, direction, beta=1.0 - decay, alpha=alpha)
+            return
+        update = back = None
+        if full:
+            update, back = direction, core_grad
+        elif basis is not None:
+            if not with_residual:
+                update = basis @ direction
+            else:
+                stacked = basis @ torch.cat([core_grad, direction], dim=1)  # [P R | P D], one GEMM
+                back, update = stacked[:, :core_grad.shape[1]], stacked[:, core_grad.shape[1]:]
+        terms = None
+        if with_residual:
+            terms = residual.epilogue_terms(state, grad_c, core_grad, direction, back, correction)
+        if terms is None:
+            epilogue(weight_c, grad_c, lr, decay, decay_after, update, residual.scale)
+        else:
+            epilogue(weight_c, grad_c, lr, decay, decay_after, update, residual.scale, terms.k, back, terms.c,
+                     terms.phi, terms.sign)
 
     # -----------------------------------------------------------------------------------------------------
     # State

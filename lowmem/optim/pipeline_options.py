@@ -169,7 +169,7 @@ class PipelineOptions(OptimizerOptions):
     # the annealing factor's end value (Stable-SPAM's eta_min)
     anneal_min: float = field(default=0.5, metadata=ANY_TRANSFORM)
     seed: int = field(default=0, metadata=EVERY_PIPELINE)  # seeds random projectors and block choices
-    # auto (Triton kernels on CUDA, the pure-torch reference elsewhere) | triton | torch (lowmem.kernels.dispatch)
+    # auto (Triton kernels on CUDA, the pure-torch path elsewhere) | triton | torch (lowmem.kernels.dispatch)
     kernels: str = field(default="auto", metadata=EVERY_PIPELINE)
     # per_weight: the rule one weight at a time (the oracle) | batched: many weights per pass (lowmem.optim.batched,
     # Adam with fp32 moments) | auto: batched where the configuration allows it
@@ -204,7 +204,7 @@ class PipelineOptions(OptimizerOptions):
         self._validate_cores()
         validate_transforms(self)
         if self.implementation == "batched" and self.unbatchable():
-            raise ConfigError(f"optimizer.implementation: batched steps Adam with fp32 moments and no transforms; "
+            raise ConfigError(f"optimizer.implementation: batched steps the Adam core with no transforms; "
                               f"{self.unbatchable()}; use implementation auto or per_weight")
 
     def reads(self, key: str) -> bool:
@@ -307,9 +307,7 @@ class PipelineOptions(OptimizerOptions):
             return f"this optimizer's core is {self.core}"
         if self.transforms or self.directions:
             return "this optimizer has " + ("transforms" if self.transforms else "direction stages")
-        if self.state_dtype not in ("auto", "fp32"):
-            return f"its moments are stored in {self.state_dtype}"
-        return ""
+        return ""  # quantized moments batch on the kernels only: PipelineOptimizer checks that for its weights
 
     def projected_sync_refusals(self) -> list[str]:
         """Why all-reducing R = P^T G instead of G would not be exact for this configuration, from what its

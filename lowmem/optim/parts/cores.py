@@ -8,17 +8,24 @@ runs with every state_dtype and every projector. The registry `CORES` holds
     microadam  a window of compressed sparse gradients (lowmem.optim.parts.microadam)
 
 The math of each core lives in one plain fp32 function (e.g. `adam_math`) that a fused kernel can
-replace; the core only reads and writes its stored state around it.
+replace; the core only reads and writes its stored state around it. On the fused path (CoreContext.fused) the
+core hands the kernel its stored tensors and the numbers it needs (`kernel_moments`: the moments, their
+scales and maps), and the kernel updates them in place.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from lowmem.optim.state.storage import Storage, StoragePolicy
+from lowmem.optim.state import quantization as q
+from lowmem.optim.state.storage import QuantizedStorage, Storage, StoragePolicy
+
+if TYPE_CHECKING:
+    from lowmem.kernels.adam import Moments
 
 FIRST, SECOND = "exp_avg", "exp_avg_sq"
 
@@ -190,6 +197,28 @@ class Core:
         raise NotImplementedError
 
 
+@functools.cache
+def kernel_map(bits: int, kind: q.Kind, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A state map as the fused kernels search it: its values and its midpoints padded with +inf to 2^bits
+    entries, on `device`."""
+    qmap = q.state_map(bits, kind)
+    padded = torch.cat([qmap.midpoints, torch.tensor([math.inf])])
+    return qmap.values.to(device), padded.to(device)
+
+
+def kernel_moments(state: dict, storage: Storage) -> "Moments":
+    """The Adam moments in `state`, kept by `storage`, as the fused kernels take them (the stored tensors
+    themselves: the kernels update them in place)."""
+    from lowmem.kernels.adam import Moments  # lazily: kernel modules import Triton
+
+    if not isinstance(storage, QuantizedStorage):
+        return Moments(state[FIRST], state[SECOND])
+    device = str(state[FIRST].device)
+    return Moments(state[FIRST], state[SECOND], storage.bits, storage.block, state[FIRST + "_absmax"],
+                   state[SECOND + "_absmax"], kernel_map(storage.bits, "signed", device),
+                   kernel_map(storage.bits, "unsigned", device), q.SCALE_FLOOR)
+
+
 def moment_parts(storage: Storage, shape: tuple[int, ...], moments: list[tuple[str, str]]) -> dict[str, int]:
     """Bytes of `moments` ((part name, signed | unsigned) each) and of their quantization scales."""
     parts = {"scales": 0}
@@ -220,6 +249,12 @@ class AdamCore(Core):
     def _storage(self, shape) -> Storage:
         return self.policy.for_shape(tuple(shape))
 
+    def fusable(self, shape: torch.Size) -> bool:
+        """Whether the fused kernels keep the moments of a core gradient of this shape: all but a rank-1 int4
+        second moment of a matrix (its scales need the whole matrix)."""
+        storage = self._storage(shape)
+        return not (isinstance(storage, QuantizedStorage) and storage.rank1 and len(shape) == 2)
+
     def _count(self, grad: torch.Tensor, state: dict) -> Storage:
         """The moments' storage, with the moments created (and the count restarted) when missing; counts the update."""
         storage = self._storage(grad.shape)
@@ -233,13 +268,12 @@ class AdamCore(Core):
     def step(self, grad, state, group, ctx):
         storage = self._count(grad, state)
         beta1, beta2 = group["betas"]
-        if ctx.fused:
-            from lowmem.kernels import adam as fused  # lazily: kernel modules import Triton
+        if ctx.fused and self.fusable(grad.shape):
+            from lowmem.kernels.adam import adam_direction  # lazily: kernel modules import Triton
 
-            if fused.handles(storage, grad.shape):
-                direction = fused.adam_direction(grad, state, storage, state["adam_step"], beta1, beta2,
-                                                 group["eps"], self.convention.eps_scaled, ctx.clip)
-                return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
+            direction = adam_direction(grad, kernel_moments(state, storage), state["adam_step"], beta1, beta2,
+                                       group["eps"], self.convention.eps_scaled, ctx.clip)
+            return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
         exp_avg = storage.read(state, FIRST, grad.shape, "signed")
         exp_avg_sq = storage.read(state, SECOND, grad.shape, "unsigned")
         direction = adam_math(grad, exp_avg, exp_avg_sq, state["adam_step"], beta1, beta2, group["eps"],
@@ -258,20 +292,18 @@ class AdamCore(Core):
         return self._storage(shape).read(state, SECOND, shape, "unsigned") if FIRST in state else None
 
     def fused_update(self, weight, grad, state, group, decay, lr_scale=1.0, clip=None):
-        from lowmem.kernels import adam as fused
-
-        if not self.fuses_clip(grad.shape):
+        if not self.fusable(grad.shape):
             return False
+        from lowmem.kernels.adam import adam_update
+
         storage = self._count(grad, state)
         beta1, beta2 = group["betas"]
-        fused.adam_update(weight, grad, state, storage, state["adam_step"], group["lr"] * lr_scale, beta1, beta2,
-                          group["eps"], self.convention.eps_scaled, decay, self.convention.decay_after, clip=clip)
+        adam_update(weight, grad, kernel_moments(state, storage), state["adam_step"], group["lr"] * lr_scale, beta1,
+                    beta2, group["eps"], self.convention.eps_scaled, decay, self.convention.decay_after, clip=clip)
         return True
 
     def fuses_clip(self, shape):
-        from lowmem.kernels import adam as fused
-
-        return fused.handles(self._storage(tuple(shape)), shape)
+        return self.fusable(shape)
 
     def holds_moments(self, state):
         return FIRST in state

@@ -105,9 +105,13 @@ def microadam_math(indices: torch.Tensor, values: torch.Tensor, ages: torch.Tens
     flat_index = indices.reshape(-1)
     first.index_add_(0, flat_index, (values * beta1 ** ages[:, None].float()).reshape(-1))
     second.index_add_(0, flat_index, (values * values * beta2 ** ages[:, None].float()).reshape(-1))
-    c1 = (1.0 - beta1) / (1.0 - beta1 ** step)
-    c2 = (1.0 - beta2) / (1.0 - beta2 ** step)
+    c1, c2 = window_corrections(step, beta1, beta2)
     return first.mul_(c1).div_(second.mul_(c2).sqrt_().add_(eps))
+
+
+def window_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """(c1, c2) = ((1-b1)/(1-b1^t), (1-b2)/(1-b2^t)): the window sums' bias corrections."""
+    return (1.0 - beta1) / (1.0 - beta1 ** step), (1.0 - beta2) / (1.0 - beta2 ** step)
 
 
 @register_core("microadam")
@@ -146,15 +150,16 @@ class MicroAdamCore(Core):
             state["ef_codes"], state["ef_min"], state["ef_max"] = ef_quantize(torch.zeros(numel, device=grad.device),
                                                                               o.ef_block)
         beta1, beta2 = group["betas"]
-        if ctx.fused:  # the same update with its dense passes fused (lowmem.kernels.microadam)
-            from lowmem.kernels.microadam import microadam_direction
-
-            direction = microadam_direction(grad, state, o, beta1, beta2, group["eps"])
-            return CoreStep(self._densified(direction, state, numel).view(grad.shape))
         state["micro_step"] += 1
         step = state["micro_step"]
-        corrected = grad.reshape(-1) + ef_dequantize(state["ef_codes"], state["ef_min"], state["ef_max"],
-                                                     o.ef_block, numel)
+        if ctx.fused:  # the same update with its dense passes fused
+            from lowmem.kernels import microadam as fused  # lazily: kernel modules import Triton
+
+            corrected = fused.ef_correct(grad, state["ef_codes"], state["ef_min"], state["ef_max"], o.ef_block,
+                                         EF_LEVELS)
+        else:
+            corrected = grad.reshape(-1) + ef_dequantize(state["ef_codes"], state["ef_min"], state["ef_max"],
+                                                         o.ef_block, numel)
         chosen = blockwise_topk(corrected, o.topk_block, o.k_init)
         starts = block_starts(numel, o.topk_block, o.k_init, grad.device)
         row = state["window_row"]
@@ -162,13 +167,23 @@ class MicroAdamCore(Core):
         state["window_values"][row] = corrected[chosen].to(self.value_dtype)
         state["window_row"] = (row + 1) % o.window
         corrected[chosen] = 0.0
-        state["ef_codes"], state["ef_min"], state["ef_max"] = ef_quantize(corrected, o.ef_block)
+        if ctx.fused and o.ef_block % 2 == 0:  # the kernel's code pairs never straddle two buckets
+            fused.ef_quantize_into(corrected, state["ef_codes"], state["ef_min"], state["ef_max"], o.ef_block,
+                                   EF_LEVELS)
+        else:
+            state["ef_codes"], state["ef_min"], state["ef_max"] = ef_quantize(corrected, o.ef_block)
 
         rows = min(step, o.window)
         ages = (step - 1 - torch.arange(rows, device=grad.device)) % o.window
-        indices = state["window_indices"][:rows].long() + starts
-        direction = microadam_math(indices, state["window_values"][:rows].float(), ages, step, numel,
-                                   beta1, beta2, group["eps"])
+        if ctx.fused:
+            direction = fused.window_direction(state["window_indices"], state["window_values"], rows,
+                                               beta1 ** ages.float(), beta2 ** ages.float(), numel, o.topk_block,
+                                               *topk_layout(numel, o.topk_block, o.k_init),
+                                               *window_corrections(step, beta1, beta2), group["eps"])
+        else:
+            indices = state["window_indices"][:rows].long() + starts
+            direction = microadam_math(indices, state["window_values"][:rows].float(), ages, step, numel,
+                                       beta1, beta2, group["eps"])
         return CoreStep(self._densified(direction, state, numel).view(grad.shape))
 
     def _densified(self, direction: torch.Tensor, state: dict, numel: int) -> torch.Tensor:
