@@ -126,7 +126,11 @@ def prepare_for_training(model: PreTrainedModel, cfg: ModelConfig) -> PreTrained
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
+    """Parameters of the whole model: under ZeRO-3 a rank holds a partition, and `ds_numel` is the full size."""
+    def size(p: torch.Tensor) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(size(p) for p in model.parameters())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    embedding = sum(size(p) for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
     return {"total": total, "trainable": trainable, "non_embedding": total - embedding}

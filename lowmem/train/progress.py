@@ -100,7 +100,7 @@ def start_header(*, counts: dict[str, int], config, tokens_per_update: int, tota
     """The lines that open a run: model, batch and budget, precision, optimizer, state."""
     opt, t = config.optimizer, config.train
     model = config.model.pretrained or config.model.preset
-    share = counts["trainable"] / counts["total"]
+    share = counts["trainable"] / max(counts["total"], 1)
     params = (f"{counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
               f"{counts['trainable'] / 1e6:.2f}M trainable ({share:.1%})")
     if config.model.lora is not None:  # the adapters are the trainable share; full fine-tuning would train all
@@ -110,8 +110,8 @@ def start_header(*, counts: dict[str, int], config, tokens_per_update: int, tota
                    f"{format_bytes(8 * counts['total'])} of fp32 moments)")
     lines = [f"model: {model}, {params}",
              f"data: {tokens(tokens_per_update)} tokens per update, {total_steps} updates = "
-             f"{tokens(tokens_per_update * total_steps)} tokens; precision {t.precision}, device {device}"
-             + (f"; {distributed}" if distributed else ""),
+             f"{tokens(tokens_per_update * total_steps)} tokens; precision {t.precision}, device {device}",
+             *([f"distributed: {distributed}"] if distributed else []),
              f"optimizer: {opt.name}, lr {getattr(opt, 'lr', None)}{effective_lr(opt)}, weight decay "
              f"{opt.weight_decay}, moments {state_dtype}",
              state_line]
