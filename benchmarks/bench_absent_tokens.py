@@ -1,7 +1,7 @@
 """Quantized optimizer states on the absent-token problem: how far an embedding element moves per update, and
 how far the embeddings drift from fp32 AdamW's.
 
-The model and batches are tests/test_absent_tokens.py's: a small LM in which some token rows are seen once, with
+The model and batches are tests/optim/test_absent_tokens.py's: a small LM in which some token rows are seen once, with
 a tiny gradient, and are then absent from every batch. Adam moves an element by about lr per update at most
 (bias-corrected), so the largest |move| / lr per update should stay near 1; a second moment stored as 0 beside a
 non-zero first moment moves it by m / eps instead (hundreds of lr). Prints, per optimizer, the largest
@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+TESTS = pathlib.Path(__file__).resolve().parent.parent / "tests"
+sys.path[:0] = [str(TESTS / "optim"), str(TESTS)]
 from test_absent_tokens import SmallLM, build_optimizer, feed, parse_optimizer_options  # noqa: E402
 
 OPTIMIZERS = [{"name": "adamw8bit"}, {"name": "adamw", "state_dtype": "int4"}, {"name": "galore", "state_dtype": "int8"}]

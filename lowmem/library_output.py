@@ -25,7 +25,7 @@ UNTESTED_OPTIMIZER = "untested optimizer"
 BNB_HUB_KERNEL = "Failed to load CPU gemm_4bit_forward"
 TESTED_UNDER_ZERO = ("note: DeepSpeed calls lowmem's optimizer untested; lowmem checks every registered optimizer "
                      "under ZeRO-1/2 (and element-wise AdamW under ZeRO-3) against one process, weight for weight "
-                     "(tests/test_distributed_zero.py)")
+                     "(tests/distributed/test_distributed_zero.py)")
 
 
 def quiet_accelerator_probe() -> None:

@@ -37,3 +37,13 @@ def random_gradients(shapes: Sequence[tuple[int, ...]], steps: int, seed: int = 
     """`steps` lists of seeded normal gradients of `shapes`, the ones of update t times scale(t)."""
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(s, generator=g) * scale(t) for s in shapes] for t in range(steps)]
+
+
+def update(opt, params, per_weight: bool) -> None:
+    """One update: weight by weight (begin_update, step_param: the per-weight rule), or by step()."""
+    if per_weight:
+        opt.begin_update()
+        for p in params:
+            opt.step_param(p)
+    else:
+        opt.step()

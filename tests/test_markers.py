@@ -155,8 +155,8 @@ def helper_symbols() -> dict[str, dict[str, ast.AST]]:
 
 def test_every_test_that_starts_processes_or_runs_kernels_carries_its_marker():
     helpers = helper_symbols()
-    modules = [path for path in sorted(TESTS.glob("test_*.py")) if path.name != Path(__file__).name]  # not this
-    missing = {f"{path.name}::{test}": sorted(kinds) for path in modules  # one, whose patterns are its data
+    modules = [path for path in sorted(TESTS.rglob("test_*.py")) if path.name != Path(__file__).name]  # not this
+    missing = {f"{path.relative_to(TESTS)}::{test}": sorted(kinds) for path in modules  # one, whose patterns are its data
                for test, kinds in missing_marks(path.read_text(), helpers).items()}
     assert not missing, f"tests lacking their markers (see pyproject.toml's markers): {missing}"
 

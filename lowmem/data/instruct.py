@@ -21,7 +21,7 @@ is dropped). Its first token is never a target: within the document nothing pred
 into rows of `seq_len` tokens in order, and each document's `position_ids` restart at 0: with no attention
 mask, transformers (sdpa and eager attention, LLaMA, GPT-2 and the other families built on its masking
 utilities; the flash-attention varlen path likewise) then attends within each document only, so a packed row
-gives every token the loss it has when its document runs alone (tests/test_finetune.py checks this).
+gives every token the loss it has when its document runs alone (tests/train/test_finetune.py checks this).
 
 The held-out split is the existing hash split, on each row's JSON text; the training order and its
 checkpointed position are those of `lowmem.data.batches.MapStyleBatches`, so a resumed run continues exactly.

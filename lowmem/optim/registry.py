@@ -77,6 +77,14 @@ def build_optimizer(model: nn.Module, options: OptimizerOptions) -> torch.optim.
     return OPTIMIZERS[options.name].build(param_groups(model, options), options)
 
 
+def create_optimizer(model: nn.Module, name: str = "adamw", **options) -> torch.optim.Optimizer:
+    """The public way to a lowmem optimizer in your own loop: `create_optimizer(model, "galore", rank=128,
+    state_dtype="int8")` checks the options exactly as the YAML's `optimizer:` section is checked (a misspelled or
+    unread key is a ConfigError naming it) and groups the model's parameters as training does (projected
+    attention and MLP weights, no decay on norms and biases)."""
+    return build_optimizer(model, parse_optimizer_options({"name": name, **options}))
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer holds as state, counted exactly (not RSS)."""
     seen: set[int] = set()

@@ -179,3 +179,25 @@ def test_target_lr_scale_moves_the_targeted_weights_at_a_fraction_of_the_lr():
     assert [g["lr"] for g in ours.param_groups][:1] == [0.0025]
     with pytest.raises(ConfigError, match="optimizer.target_lr_scale: must be positive"):
         parse_optimizer_options({"name": "galore", "target_lr_scale": 0})
+
+
+def test_create_optimizer_is_validated_like_the_yaml_and_groups_like_training():
+    from torch import nn
+
+    from lowmem.optim import create_optimizer
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.ModuleDict({"q_proj": nn.Linear(32, 32, bias=False)})
+            self.norm = nn.LayerNorm(32)
+
+    model = Block()
+    opt = create_optimizer(model, "galore", rank=4, state_dtype="int8", weight_decay=0.1)
+    projected = [g for g in opt.param_groups if g["projected"]]
+    assert [p for g in projected for p in g["params"]] == [model.self_attn.q_proj.weight]
+    assert opt.options.rank == 4 and opt.options.state_dtype == "int8"
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.rnak' \(did you mean 'rank'\?\)"):
+        create_optimizer(model, "galore", rnak=4)
+    with pytest.raises(ConfigError, match="optimizer.window"):
+        create_optimizer(model, "galore", window=10)  # a key no chosen part reads

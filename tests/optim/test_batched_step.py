@@ -12,6 +12,7 @@ from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import AdamW4bitOptions, AdamW8bitOptions, FiraOptions, FrugalOptions, GaloreOptions, OSDOptions
 from lowmem.optim.registry import parse_optimizer_options
 from lowmem.optim.state.storage import StoragePolicy
+from stepping import update
 
 
 def params():
@@ -19,16 +20,6 @@ def params():
     mats = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in ((24, 40), (40, 24), (24, 40), (30, 30))]
     dense = [torch.nn.Parameter(torch.randn(50, 24, generator=gen) * 0.1), torch.nn.Parameter(torch.ones(24))]
     return mats, dense
-
-
-def update(opt, params, per_weight: bool) -> None:
-    """One update: weight by weight (begin_update, step_param: the per-weight rule), or by step()."""
-    if per_weight:
-        opt.begin_update()
-        for p in params:
-            opt.step_param(p)
-    else:
-        opt.step()
 
 
 def run(options, batched_step: bool, steps: int = 5):

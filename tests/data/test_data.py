@@ -18,7 +18,7 @@ from lowmem.data.sources import embedded_paths
 from lowmem.data.tokenizer import build_tokenizer, train_bpe
 from lowmem.errors import ConfigError, DataError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 SEQ_LEN = 16
 

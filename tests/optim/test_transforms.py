@@ -2,7 +2,9 @@
 formulas over 36 updates with injected gradient spikes and moment resets."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from lowmem.errors import ConfigError
 from lowmem.optim.pipeline import PipelineOptimizer
 from lowmem.optim.presets import GaloreOptions, GradNormStabilizerOptions, SpamOptions, StableSpamOptions
 from lowmem.optim.registry import parse_optimizer_options
+from lowmem.train.config import load_config
 
 B1, B2 = 0.9, 0.999
 STEPS, SPIKES = 36, {7: 1e3, 23: 3e2}
@@ -225,3 +228,23 @@ def test_low_memory_stable_spam_combinations_parse_and_step():
         options = parse_optimizer_options(dict(tree, reset_interval=4))
         ours, opt = run(options, w, grads[:6], projected=True)
         assert torch.isfinite(ours).all() and (ours - w).abs().max() > 0
+
+
+ROOT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# The configs whose comment says they run Stable-SPAM as its released scripts do (total_T 20000 updates).
+STABLE_SPAM_SCRIPTS = [["stable_spam_c4_int4.yaml"], ["c4_pretrain.yaml", "optimizers/stable_spam_bf16.yaml"]]
+
+
+@pytest.mark.parametrize("files", STABLE_SPAM_SCRIPTS, ids=lambda files: files[-1])
+def test_stable_spam_script_configs_step_as_the_released_optimizer(files):
+    """Stepped with their own settings (the reset interval shortened so resets happen), these configs follow
+    the released optimizer's formulas: old moments on a reset step, transform corrections restarted, beta1 and
+    gamma1 annealed over total_T = 20000."""
+    options = load_config([ROOT_CONFIGS / f for f in files]).optimizer
+    assert options.anneal_steps == 20000
+    w, grads = problem()
+    ours, _ = run(dataclasses.replace(options, reset_interval=10), w, grads)
+    expected = reference_stable_spam(w, grads, options.lr, options.weight_decay, options.eps, options.gamma1,
+                                     options.gamma2, options.gamma3, 10, old_moments=True, steps_follow_reset=True,
+                                     total_t=20000)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)

@@ -67,7 +67,7 @@ try:
 except RuntimeError as error:
     print(error)
 """
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "Triton is not installed" in run.stdout

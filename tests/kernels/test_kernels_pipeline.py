@@ -23,7 +23,7 @@ from lowmem.optim.presets import (
     StableSpamOptions,
 )
 from lowmem.optim.registry import parse_optimizer_options
-from test_batched_step import update
+from stepping import update
 
 # Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 pytestmark = pytest.mark.interpreter

@@ -11,7 +11,7 @@ import pytest
 # Runs bench_kernels.py --compile in a subprocess.
 pytestmark = pytest.mark.subprocess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_kernel_variant_compiles_for_sm90():

@@ -21,7 +21,7 @@ from lowmem.train.metrics import read_metrics
 # Ranks spawned as processes (python -m pytest -m 'not distributed' leaves them out).
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_worker(rank, world, port, tmp, corpus, overrides, stop_at_step):

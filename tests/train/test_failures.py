@@ -31,7 +31,7 @@ from lowmem.train import checkpoint as ckpt
 from lowmem.train.metrics import read_metrics
 from lowmem.train.rundir import RunLock
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE_NULLS = [f"model.{key}=null" for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                "num_attention_heads")]
 

@@ -3,7 +3,7 @@
 The recorded curve is what a refactor must keep: a change may alter it only for a stated reason (a fix of the
 maths, a new default), said in its commit together with the re-recording. Re-record from this checkout with
 
-    python tests/test_golden_curve.py --record
+    python tests/train/test_golden_curve.py --record
 
 which runs each case twice in this process, refuses to write unless both runs agree exactly, and rewrites the
 file. pytest only compares; it never records.
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":  # as a script: this checkout's lowmem, as pytest imports it
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+if __name__ == "__main__":  # as a script: this checkout's lowmem and the tests' helpers, as pytest imports them
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import write_corpus, write_tiny_config  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_curves.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_curves.json"
 RTOL = 1e-5
 # conftest's tiny run (12 updates, checkpoints and evals on the way), with each optimizer; galore refreshes
 # its basis every 4 updates so the curve covers refreshes.
@@ -57,7 +57,7 @@ def test_train_losses_follow_the_recorded_curve(tmp_path, corpus, case):
     far = [(step, got, want) for step, (got, want) in enumerate(zip(losses, expected), start=1)
            if not math.isclose(got, want, rel_tol=RTOL, abs_tol=0.0)]
     assert not far, (f"{case}: train losses left the recorded curve at (step, now, recorded) {far}; a refactor must "
-                     f"keep it, or re-record with a stated reason (python tests/test_golden_curve.py --record)")
+                     f"keep it, or re-record with a stated reason (python tests/train/test_golden_curve.py --record)")
 
 
 def record() -> None:
@@ -73,13 +73,13 @@ def record() -> None:
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps({
         "about": "train loss per step of tests/conftest.py's tiny run (CPU, fp32, 12 updates) for each case of "
-                 "tests/test_golden_curve.py; re-record only with a stated reason "
-                 "(python tests/test_golden_curve.py --record)",
+                 "tests/train/test_golden_curve.py; re-record only with a stated reason "
+                 "(python tests/train/test_golden_curve.py --record)",
         "curves": curves}, indent=1) + "\n")
     print(f"recorded {', '.join(curves)} in {GOLDEN}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--record"]:
-        raise SystemExit("usage: python tests/test_golden_curve.py --record  (rewrites tests/golden/tiny_curves.json)")
+        raise SystemExit("usage: python tests/train/test_golden_curve.py --record  (rewrites tests/golden/tiny_curves.json)")
     record()

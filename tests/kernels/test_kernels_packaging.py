@@ -14,7 +14,7 @@ import pytest
 # Builds a wheel and probes imports in Python subprocesses.
 pytestmark = pytest.mark.subprocess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BNB_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 PROBE = """

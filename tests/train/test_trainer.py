@@ -25,7 +25,7 @@ from lowmem.train.checkpoint import latest_checkpoint, list_checkpoints, load_st
 from lowmem.train.metrics import read_metrics
 from lowmem.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def losses(run_dir):

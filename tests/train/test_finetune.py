@@ -18,7 +18,7 @@ from lowmem.train.config import load_config
 from lowmem.train.metrics import read_metrics
 from lowmem.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def finetune_config(tmp_path, tiny: Path, *overrides, base: str = "configs/finetune_adamw.yaml"):
