@@ -49,7 +49,7 @@ def parse_gpu_size(text: str) -> int:
     return int(float(match.group(1)) * UNIT_BYTES[(match.group(2) or "").upper()])
 
 
-def _vocab_size(config: Config, notes: list[str]) -> int | None:
+def vocab_size(config: Config, notes: list[str]) -> int | None:
     """The vocabulary the run's model will have, without fitting or downloading a tokenizer when avoidable."""
     if config.model.vocab_size is not None or config.model.pretrained is not None:
         return config.model.vocab_size
@@ -71,7 +71,7 @@ def plan_memory(config: Config, world_size: int = 1, zero_stage: int = 0) -> Mem
     from lowmem.optim import build_optimizer
 
     notes: list[str] = []
-    model = build_meta_model(config.model, _vocab_size(config, notes)).to(weight_dtype(config.model,
+    model = build_meta_model(config.model, vocab_size(config, notes)).to(weight_dtype(config.model,
                                                                                        config.train.precision))
     # Frozen weights have no gradient and no state; LoRA adds its adapters (their state is the optimizer's).
     model = prepare_for_training(model, config.model)
@@ -119,7 +119,7 @@ def measure_one_update(config: Config) -> dict[str, int]:
     from lowmem.optim import build_optimizer
 
     device = pick_device(config.train.device)
-    vocab = _vocab_size(config, []) or 32000
+    vocab = vocab_size(config, []) or 32000
     model = build_model(config.model, vocab, device, weight_dtype(config.model, config.train.precision))
     model = prepare_for_training(model, config.model)
     optimizer = build_optimizer(model, config.optimizer)

@@ -190,11 +190,13 @@ class PipelineOptions(OptimizerOptions):
         # Options built in code: what differs from the preset's defaults must be read (the YAML: validate_given)
         self.validate_given([f.name for f in fields(self) if getattr(self, f.name) != _default(f)])
         if self.lr is None and not self.relative_step:
-            raise ConfigError("optimizer.lr: required (only Adafactor's relative_step sets its own step size)")
+            raise ConfigError("optimizer.lr: required (only Adafactor's relative_step sets its own step size, as "
+                              "configs/optimizers/adafactor.yaml sets it)")
         if self.lr is not None and self.relative_step:
             raise ConfigError("optimizer.lr: Adafactor's relative_step computes the step size itself "
                               "(min(1e-2, 1/sqrt(t)), times the weight's RMS with scale_parameter); set "
-                              "optimizer.lr=null, or optimizer.relative_step=false to use an external lr")
+                              "optimizer.lr=null (configs/optimizers/adafactor.yaml: the paper's settings), or "
+                              "optimizer.relative_step=false to use an external lr")
         if self.kernels == "triton":  # before any data is read: no CUDA device at all (the interpreter aside)
             try:
                 resolve_backend("triton", "cuda" if torch.cuda.is_available() else "cpu")

@@ -7,7 +7,7 @@ itself in its own module, and that module joins `BUILT_IN`, the one list of what
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -63,10 +63,26 @@ def parse_optimizer_options(tree: dict) -> OptimizerOptions:
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name: unknown optimizer '{name}'{closest(str(name), OPTIMIZERS)}; "
                           f"choose from {sorted(OPTIMIZERS)}")
+    _check_keys(name, tree)
     options = from_dict(OPTIMIZERS[name].options, dict(tree, name=name), "optimizer")
     options.validate()
     options.validate_given([key for key in tree if key != "name"])  # what a preset sets is never refused
     return options
+
+
+def _check_keys(name: str, tree: dict) -> None:
+    """A key the named optimizer does not take: the optimizers that read it, or the closest key of any optimizer
+    (a base config's adamw has no `rank`, so `optimizer.rnak` must not suggest its 'name')."""
+    own = {f.name for f in fields(OPTIMIZERS[name].options)}
+    every = sorted({f.name for entry in OPTIMIZERS.values() for f in fields(entry.options)})
+    for key in tree:
+        if key in own:
+            continue
+        readers = sorted(n for n, entry in OPTIMIZERS.items() if entry.options().reads(key))
+        if readers:
+            raise ConfigError(f"optimizer.{key}: not an option of '{name}'; {', '.join(readers[:6])}"
+                              f"{' and others' if len(readers) > 6 else ''} read it (set optimizer.name)")
+        raise ConfigError(f"unknown key 'optimizer.{key}'{closest(str(key), every)}")
 
 
 def build_optimizer(model: nn.Module, options: OptimizerOptions) -> torch.optim.Optimizer:

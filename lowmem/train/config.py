@@ -10,12 +10,14 @@ that need them.
 """
 from __future__ import annotations
 
+import copy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from lowmem.config import flatten, from_dict, load_tree, not_a_file, require, to_dict
+from lowmem.config import apply_override, flatten, from_dict, load_tree, not_a_file, require, to_dict
+from lowmem.console import log
 from lowmem.data.config import BPEConfig, DataConfig, TokenizerConfig
 from lowmem.distributed import deepspeed_settings as ds
 from lowmem.distributed.config import DistributedConfig
@@ -171,7 +173,24 @@ def load_config(paths: str | Path | typing.Sequence[str | Path] | None,
                 overrides: typing.Sequence[str] = (), world_size: Optional[int] = None) -> Config:
     """Read and merge one or more YAML files (later wins), apply dotted overrides, validate for `world_size`
     ranks (None: the launcher's). Raises ConfigError on any bad key or value."""
-    return config_from_tree(load_tree(paths, overrides), world_size)
+    files = load_tree(paths)
+    tree = copy.deepcopy(files)
+    for override in overrides:
+        tree = apply_override(tree, override)
+    _lr_follows_a_switched_optimizer(files, tree, overrides)
+    return config_from_tree(tree, world_size)
+
+
+def _lr_follows_a_switched_optimizer(files: dict, tree: dict, overrides: typing.Sequence[str]) -> None:
+    """An lr in the files was chosen for the optimizer they name: when the command line names another
+    optimizer and sets no lr, that optimizer's own preset lr applies (GaLore's 0.01, not AdamW's 0.003)."""
+    before, after = files.get("optimizer") or {}, tree.get("optimizer") or {}
+    switched = before.get("name", "adamw") != after.get("name", "adamw")
+    lr_given = any(o.split("=", 1)[0].strip() in ("optimizer.lr", "optimizer") for o in overrides)
+    if switched and "lr" in before and not lr_given:
+        del after["lr"]
+        log.info(f"optimizer.lr: the config's {before['lr']} was set for {before.get('name', 'adamw')}; "
+                 f"{after['name']} trains at its own preset lr (set optimizer.lr=... to choose one)")
 
 
 def config_from_tree(tree: dict, world_size: Optional[int] = None) -> Config:
@@ -192,6 +211,9 @@ def validate(config: Config, world_size: Optional[int] = None) -> None:
                     config.distributed):
         section.validate()
     m, d, t = config.model, config.distributed, config.train
+    if t.max_tokens is None and t.warmup_steps >= t.max_steps:
+        log.warning(f"warning: train.warmup_steps {t.warmup_steps} >= train.max_steps {t.max_steps}: the lr never "
+                    f"leaves its warm-up")
     if m.pretrained is not None:
         # Its embeddings were trained with its own tokenizer: a freshly fitted BPE's ids would mean nothing to it.
         require(config.tokenizer.train_bpe is None,

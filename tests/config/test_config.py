@@ -236,3 +236,22 @@ def test_lora_under_the_optimizer_is_refused_naming_model_lora():
     assert config.model.lora.r == 4 and not hasattr(config.optimizer, "lora")
     with pytest.raises(ConfigError, match=r"model\.lora\.r: must be at least 1"):
         load_config(None, ["model.lora.r=0"])
+
+
+def test_switching_the_optimizer_on_the_command_line_takes_its_preset_lr(capsys):
+    assert load_config("configs/quickstart.yaml", ["optimizer.name=galore"]).optimizer.lr == 0.01
+    assert "0.003 was set for adamw; galore trains at its own preset lr" in capsys.readouterr().out
+    assert load_config("configs/quickstart.yaml", ["optimizer.name=galore", "optimizer.lr=0.02"]).optimizer.lr == 0.02
+    assert load_config("configs/quickstart.yaml", []).optimizer.lr == 0.003
+
+
+def test_a_key_of_another_optimizer_names_the_optimizers_that_read_it():
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.rnak' \(did you mean 'rank'\?\)"):
+        load_config("configs/quickstart.yaml", ["optimizer.rnak=4"])  # adamw has no rank, galore has
+    with pytest.raises(ConfigError, match=r"optimizer.rank: not an option of 'adamw'; fira, galore, osd read it"):
+        load_config("configs/quickstart.yaml", ["optimizer.rank=4"])
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(capsys):
+    load_config("configs/quickstart.yaml", ["train.warmup_steps=300", "train.max_steps=300"])
+    assert "warning: train.warmup_steps 300 >= train.max_steps 300" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from lowmem.optim.state.storage import STATE_DTYPES
 BAD = [
     ({"name": "microadam", "state_dtype": "int4"}, "optimizer.state_dtype: 'int4' cannot apply to the microadam core"),
     ({"name": "galore", "core": "microadam", "state_dtype": "int8"}, "optimizer.state_dtype: 'int8' cannot apply"),
-    ({"name": "bnb_adamw8bit", "state_dtype": "int4"}, "unknown key 'optimizer.state_dtype'"),
+    ({"name": "bnb_adamw8bit", "state_dtype": "int4"}, "optimizer.state_dtype: not an option of 'bnb_adamw8bit'"),
     ({"name": "galore", "state_dtype": "in4"}, "optimizer.state_dtype: unknown value 'in4' (did you mean 'int4'?)"),
     ({"name": "adamw", "state_dtype": "fp8"}, "optimizer.state_dtype: unknown value 'fp8'"),
     ({"name": "microadam", "k_init": 0.0}, "optimizer.k_init: the kept fraction must be in (0, 1]"),
