@@ -1,5 +1,6 @@
 """Triton kernels for the projected and quantized optimizer updates, each beside a pure-torch reference of the
-same math, and a dispatcher (`lowmem.kernels.dispatch`: Triton on CUDA, the reference elsewhere).
+same math, a C++ kernel for quantized Adam on CPU (`lowmem.kernels.cpu_adam`), and a dispatcher
+(`lowmem.kernels.dispatch`: Triton on CUDA, the reference elsewhere).
 
 The import name is `lowmem.kernels` (pyproject maps this folder there). `kernels` is the Hugging Face kernel
 hub's name, which bitsandbytes and transformers import: a script run from a checkout's root has this folder

@@ -138,6 +138,11 @@ class Core:
         done, where the core has no such kernel."""
         return False
 
+    def cpu_update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, decay: float) -> bool:
+        """Step and update the fp32 CPU `weight` in one pass of a CPU kernel (lowmem.kernels.cpu_adam), as
+        fused_update does on CUDA; False, with nothing done, where the core has none for this state."""
+        return False
+
     def fuses_clip(self, shape: torch.Size) -> bool:
         """Whether the fused kernels apply SPAM's element-wise clip against the second moment themselves
         (CoreContext.clip, fused_update's clip) for a gradient of this shape; then fused_update never declines."""
@@ -227,6 +232,12 @@ class AdamCore(Core):
                 direction = fused.adam_direction(grad, state, storage, state["adam_step"], beta1, beta2,
                                                  group["eps"], self.convention.eps_scaled, ctx.clip)
                 return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
+        elif self._cpu_kernel(storage, grad):
+            from lowmem.kernels import cpu_adam
+
+            direction = cpu_adam.adam_direction(grad, state, storage, (FIRST, SECOND), state["adam_step"], beta1,
+                                                beta2, group["eps"], self.convention.eps_scaled)
+            return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
         exp_avg = storage.read(state, FIRST, grad.shape, "signed")
         exp_avg_sq = storage.read(state, SECOND, grad.shape, "unsigned")
         direction = adam_math(grad, exp_avg, exp_avg_sq, state["adam_step"], beta1, beta2, group["eps"],
@@ -253,6 +264,26 @@ class AdamCore(Core):
         beta1, beta2 = group["betas"]
         fused.adam_update(weight, grad, state, storage, state["adam_step"], group["lr"] * lr_scale, beta1, beta2,
                           group["eps"], self.convention.eps_scaled, decay, self.convention.decay_after, clip=clip)
+        return True
+
+    def _cpu_kernel(self, storage: Storage, grad: torch.Tensor) -> bool:
+        """Whether quantized moments of this gradient step in the CPU kernel: kernels auto, on CPU, where it builds."""
+        if self.options.kernels != "auto" or grad.device.type != "cpu" or not storage.name.startswith("int"):
+            return False
+        from lowmem.kernels import cpu_adam
+
+        return cpu_adam.handles(storage, grad)
+
+    def cpu_update(self, weight, grad, state, group, decay):
+        storage = self._storage(grad.shape)
+        if not (weight.is_contiguous() and self._cpu_kernel(storage, grad)):
+            return False
+        from lowmem.kernels import cpu_adam
+
+        storage = self._count(grad, state)
+        beta1, beta2 = group["betas"]
+        cpu_adam.adam_update(weight, grad, state, storage, (FIRST, SECOND), state["adam_step"], group["lr"], beta1,
+                             beta2, group["eps"], self.convention.eps_scaled, decay, self.convention.decay_after)
         return True
 
     def fuses_clip(self, shape):
