@@ -2,9 +2,9 @@
 resolved to torch) runs the weights it can in three phases instead of one weight at a time:
 
     1. per weight, in model order: the projector's refresh when due, then R = P^T Gc (one GEMM)
-    2. per parameter group, over all weights at once with torch._foreach ops: Adam on the dense weights with
-       the weight update in one addcdiv (as torch's AdamW(foreach=True) does it), and Adam on all projected
-       cores (their directions D)
+    2. per parameter group, over all weights at once: Adam on the dense weights with the weight update in
+       torch's fused AdamW kernel (`fused_adam_update`), and Adam on all projected cores with torch._foreach
+       ops (their directions D)
     3. per projected weight: the back-projection with the update folded into its GEMM (addmm's beta carries
        the weight decay for drop, Fira's limited residual for fira), then the projector's adapt step
 
@@ -39,28 +39,25 @@ class _Entry:
     basis: Optional[torch.Tensor] = None  # P of a dense basis, built once for both GEMMs (random: one draw)
 
 
-def foreach_adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                        exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float,
-                        eps: float, eps_scaled: bool, decay: float, decay_after: bool) -> None:
-    """Adam with the weight update over lists of fp32 tensors (the pipeline's conventions, decay = lr * wd)."""
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    bias1 = [1.0 - beta1 ** s for s in steps]
-    bias2_sqrt = [math.sqrt(1.0 - beta2 ** s) for s in steps]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    if eps_scaled:  # torch's: (m / b1) / (sqrt(v) / b2 + eps)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        step_sizes = [-lr / b1 for b1 in bias1]
-    else:  # GaLore's: b2 / b1 * m / (sqrt(v) + eps)
-        torch._foreach_add_(denom, eps)
-        step_sizes = [-lr * b2 / b1 for b1, b2 in zip(bias1, bias2_sqrt)]
-    if decay > 0 and not decay_after:
-        torch._foreach_mul_(params, 1.0 - decay)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-    if decay > 0 and decay_after:
-        torch._foreach_mul_(params, 1.0 - decay)
+def fused_adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float,
+                      eps: float, eps_scaled: bool, decay: float, decay_after: bool) -> None:
+    """Adam with the weight update over lists of fp32 tensors (the pipeline's conventions, decay = lr * wd), in
+    torch's fused AdamW kernel: one pass over each tensor. torch's rule is the torch convention; GaLore's (eps
+    outside the bias correction, decay after the step) follows from it with eps / sqrt(1 - b2^t) for eps and
+    lr (1 - decay) for lr, the decay kept at lr * wd. The same moments bit for bit, the weights to float
+    rounding (the order of a few multiplications)."""
+    by_step: dict[int, list[int]] = {}
+    for i, step in enumerate(steps):
+        by_step.setdefault(step, []).append(i)
+    for step, chosen in by_step.items():
+        fused_eps = eps if eps_scaled else eps / math.sqrt(1.0 - beta2 ** step)
+        fused_lr = lr * (1.0 - decay) if decay_after else lr
+        counts = [torch.tensor(float(step), device=params[chosen[0]].device)] * len(chosen)
+        torch._fused_adamw_([params[i] for i in chosen], [grads[i] for i in chosen], [exp_avgs[i] for i in chosen],
+                            [exp_avg_sqs[i] for i in chosen], [], counts, lr=fused_lr, beta1=beta1, beta2=beta2,
+                            weight_decay=decay / fused_lr if fused_lr else 0.0, eps=fused_eps, amsgrad=False,
+                            maximize=False)
 
 
 def _chunks(entries: list[_Entry]) -> Iterator[list[_Entry]]:
@@ -184,7 +181,7 @@ class BatchedStep:
             group = entries[0].group
             beta1, beta2 = group["betas"]
             for chunk in _chunks(entries):
-                foreach_adam_update([e.param for e in chunk], [e.grad for e in chunk],
+                fused_adam_update([e.param for e in chunk], [e.grad for e in chunk],
                                     [e.state[FIRST] for e in chunk], [e.state[SECOND] for e in chunk],
                                     [e.state["adam_step"] for e in chunk], group["lr"], beta1, beta2, group["eps"],
                                     convention.eps_scaled, group["lr"] * group["weight_decay"],
