@@ -67,3 +67,26 @@ def test_quantized_states_and_transforms_step_weight_by_weight(monkeypatch):
     monkeypatch.setattr(batched.BatchedStep, "add", lambda *a: pytest.fail("batched"))
     run(AdamW8bitOptions(), True, steps=1)
     run(GaloreOptions(rank=6, transforms=["stable_spam"]), True, steps=1)
+
+
+def test_a_transposed_weight_steps_as_the_per_weight_rule_steps():
+    """torch's fused AdamW kernel walks each tensor as one contiguous array whatever its strides: a transposed
+    (non-contiguous) weight with a contiguous gradient takes the foreach ops instead, beside a contiguous one."""
+    def stepped(batched_step: bool):
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(24, 50, generator=gen).T), torch.nn.Parameter(torch.randn(50, 24, generator=gen))]
+        opt = PipelineOptimizer([{"params": weights, "weight_decay": 0.1}], GaloreOptions(rank=6))
+        for _ in range(3):
+            for p in weights:
+                p.grad = torch.randn(p.shape, generator=gen)  # contiguous, unlike the first weight
+            if batched_step:
+                opt.step()
+            else:
+                opt.begin_update()
+                for p in weights:
+                    opt.step_param(p)
+        return weights
+
+    assert not stepped(True)[0].is_contiguous()
+    for a, b in zip(stepped(True), stepped(False)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
