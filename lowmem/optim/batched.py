@@ -157,7 +157,11 @@ def _drop_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, ba
 
 
 def _column_squares(matrix: torch.Tensor) -> torch.Tensor:
-    """Squared column norms of a 2-D fp32 tensor (several times faster on CPU than linalg.vector_norm over dim 0)."""
+    """Squared column norms of a 2-D fp32 tensor, by the faster CPU reduction for its layout: linalg.vector_norm
+    where each column is contiguous (a transposed view), a sum of squares over the rows otherwise (several times
+    faster there than vector_norm over dim 0)."""
+    if matrix.stride(0) == 1 and matrix.shape[0] > 1:
+        return torch.linalg.vector_norm(matrix, dim=0).square_()
     return matrix.square().sum(dim=0)
 
 
@@ -175,21 +179,21 @@ def _fira_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, ba
     code = residual.fira_variant == "code"
     c = residual.scale if code else 1.0
     core_grad = entry.core_grad
-    phi = _column_squares(direction).sqrt_().div_(_column_squares(core_grad).sqrt_().add_(FIRA_NORM_EPS))
+    core_squares = _column_squares(core_grad)
+    phi = _column_squares(direction).sqrt_().div_(core_squares.sqrt().add_(FIRA_NORM_EPS))
     if code:
         phi.div_(correction)
-    # the sum in float64, so the terms' cancellation costs no further digits; each term is an fp32 product, as
-    # accurate as S formed in fp32 would be (one read of Gc, the rest r x a)
-    wide = core_grad.double()
+    # the terms summed in float64, so their cancellation costs no further digits; each is an fp32 column sum, as
+    # accurate as ||Gc_j||^2 itself and as S formed in fp32 would be (one read of Gc, the rest r x a)
     columns = _column_squares(entry.grad_c).double()
-    columns.add_(wide.square().sum(dim=0), alpha=-2.0 * c)
-    columns.add_(((basis.T @ basis) @ core_grad).double().mul_(wide).sum(dim=0), alpha=c * c)
+    columns.add_(core_squares.double(), alpha=-2.0 * c)
+    columns.add_(((basis.T @ basis) @ core_grad).mul_(core_grad).sum(dim=0).double(), alpha=c * c)
     norm = (phi.double().square() * columns.clamp_(min=0.0)).sum().sqrt().float()
     limit = residual.limit(entry.state, norm)
     k = correction if code else residual.scale
     if limit is not None:
         k = k / float(limit)  # a host sync: this path runs where torch runs the step (CPU, mostly)
-    inner = (core_grad * phi).mul_(-k * c).add_(direction, alpha=residual.scale)
+    inner = direction.mul_(residual.scale).addcmul_(core_grad, phi, value=-k * c)  # the direction is this step's own
     # W <- keep W - step (P inner + Gc diag(k phi)) with U never formed: the GEMM with the decay in its beta, then
     # one addcmul (torch's convention decays first, step = lr; GaLore's after, step = lr keep)
     keep = 1.0 - decay
