@@ -46,7 +46,9 @@ SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#endif
 
 namespace {
 
