@@ -5,7 +5,7 @@ all measured in one run. Projected presets use rank 128 (the papers' 60M setting
 
 State bytes are counted tensor by tensor after the first update (which holds every weight's state).
 Step time is the mean of `--repeats` ordinary updates after that first one (no projector refresh: the
-refresh cost is bench_projection.py's subject).
+refresh cost is bench_step.py's subject).
 
     python benchmarks/bench_states.py [--layers 8] [--repeats 2] [--only galore,adamw8bit] [--threads N]
 """
@@ -16,8 +16,8 @@ import time
 import warnings
 
 import torch
-from bench_projection import llama_60m_params
 
+from bench_step import llama_60m_params
 from lowmem.optim import OPTIMIZERS, optimizer_state_bytes
 from lowmem.optim.adamw import TorchAdamW
 from lowmem.optim.registry import parse_optimizer_options

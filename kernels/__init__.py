@@ -1,7 +1,7 @@
-"""Triton kernels for the projected and quantized optimizer updates and for fake quantization, and a dispatcher
-(`lowmem.kernels.dispatch`: Triton on CUDA, the pure-torch path elsewhere). A kernel takes tensors and numbers
-only; the optimizer part or layer that calls it keeps the torch path of the same math and turns its own state
-into the kernel's arguments.
+"""Triton kernels for the projected and quantized optimizer updates and for fake quantization, a C++ kernel for
+quantized Adam on CPU (`lowmem.kernels.cpu_adam`), and a dispatcher (`lowmem.kernels.dispatch`: Triton on CUDA,
+the pure-torch path elsewhere). A kernel takes tensors and numbers only; the optimizer part or layer that calls
+it keeps the torch path of the same math and turns its own state into the kernel's arguments.
 
 The import name is `lowmem.kernels` (pyproject maps this folder there). `kernels` is the Hugging Face kernel
 hub's name, which bitsandbytes and transformers import: a script run from a checkout's root has this folder

@@ -1,6 +1,8 @@
 """Which implementation runs an optimizer's element-wise work: `optimizer.kernels: auto | triton | torch`.
 
-    auto    Triton when the tensors are on CUDA and Triton imports; the pure-torch path otherwise
+    auto    Triton when the tensors are on CUDA and Triton imports; the pure-torch path otherwise, except
+            the Adam core's int8 / int4 moments on CPU, which step in a compiled C++ kernel where one can be
+            built (lowmem.kernels.cpu_adam; the same codes as the torch path)
     triton  the Triton kernels; on a machine without CUDA this is refused with a clear message, unless
             TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests: correct and very slow)
     torch   the pure-torch path (the code the optimizer runs without kernels)

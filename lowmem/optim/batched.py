@@ -6,10 +6,10 @@ at a time:
        cores (their directions D)
     3. per projected weight: the back-projection and the weight update, then the projector's adapt step
 
-On the pure-torch path (optimizer.kernels resolved to torch) phase 2 runs per parameter group with
-torch._foreach ops (the dense update in one addcdiv, as torch's AdamW(foreach=True) does it) and phase 3 folds
-the update into the back-projection GEMM (addmm's beta carries the weight decay for drop, Fira's limited
-residual for fira): the same math as `PipelineOptimizer.update_weight` up to rounding (the order of a few
+On the pure-torch path (optimizer.kernels resolved to torch) phase 2 runs per parameter group in torch's fused
+AdamW kernel (one pass per tensor; torch._foreach ops for tensors it cannot take) and phase 3 folds the update
+into the back-projection GEMM (addmm's beta carries the weight decay for drop, Fira's limited residual for
+fira), then online PCA's P step (its gradient per weight, its AdamW step over every P at once): the same math as `PipelineOptimizer.update_weight` up to rounding (the order of a few
 multiplications; the first moment by lerp, as torch's AdamW), which the pipeline's tests against the released
 implementations hold to their tolerances. Taken by the adam core with fp32 states, fp32 weights and
 gradients, no transforms.
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import torch
 
 from lowmem.optim.parts.cores import FIRST, SECOND, CoreContext, bias_correction, kernel_moments
-from lowmem.optim.parts.projectors import canonical
-from lowmem.optim.parts.residuals import FIRA_NORM_EPS, DropResidual, FiraResidual
+from lowmem.optim.parts.projectors import OSD_BETAS, OSD_EPS, OSD_WEIGHT_DECAY, OnlinePCAProjector, canonical
+from lowmem.optim.parts.residuals import FIRA_NORM_EPS, DropResidual, FiraResidual, SGDResidual, SignSGDResidual
 
 if TYPE_CHECKING:
     from lowmem.kernels.adam import Moments
@@ -103,6 +103,74 @@ def foreach_adam_direction(grads: list[torch.Tensor], exp_avgs: list[torch.Tenso
     return directions
 
 
+def _fusable(*tensors: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW kernel can take these tensors together: it walks memory as one contiguous
+    array per tensor, whatever the strides."""
+    return all(t.is_contiguous() and t.shape == tensors[0].shape for t in tensors)
+
+
+def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, beta1: float, beta2: float,
+                 eps: float, eps_scaled: bool, weight_decay: float = 0.0) -> None:
+    """torch's fused AdamW kernel at one step count: p <- p (1 - lr wd) - lr / b1 * m / (sqrt(v) / b2 + eps), the
+    moments as torch's AdamW updates them. GaLore's eps (outside the bias correction) is eps / b2 there."""
+    if not eps_scaled:
+        eps = eps / math.sqrt(1.0 - beta2 ** step)
+    counts = [torch.tensor(float(step), device=params[0].device)] * len(params)
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], counts, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+
+
+def _by_step(steps: list[int], chosen: list[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i in chosen:
+        groups.setdefault(steps[i], []).append(i)
+    return groups
+
+
+def fused_adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float,
+                      eps: float, eps_scaled: bool, decay: float, decay_after: bool) -> None:
+    """`foreach_adam_update` in torch's fused AdamW kernel (one pass over each tensor instead of about ten) for
+    the tensors it can take; GaLore's decay after the step as lr' = lr (1 - decay) with lr' wd' = decay. The
+    same moments bit for bit, the weights to float rounding (the order of a few multiplications)."""
+    chosen = [i for i in range(len(params)) if _fusable(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
+    rest = sorted(set(range(len(params))) - set(chosen))
+    fused_lr = lr * (1.0 - decay) if decay_after else lr
+    for step, group in _by_step(steps, chosen).items():
+        _fused_adamw([params[i] for i in group], [grads[i] for i in group], [exp_avgs[i] for i in group],
+                     [exp_avg_sqs[i] for i in group], step, fused_lr, beta1, beta2, eps, eps_scaled,
+                     decay / fused_lr if fused_lr else 0.0)
+    if rest:
+        foreach_adam_update([params[i] for i in rest], [grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                            [exp_avg_sqs[i] for i in rest], [steps[i] for i in rest], lr, beta1, beta2, eps,
+                            eps_scaled, decay, decay_after)
+
+
+def fused_adam_direction(grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                         steps: list[int], beta1: float, beta2: float, eps: float, eps_scaled: bool) -> list[torch.Tensor]:
+    """`foreach_adam_direction` (moments updated in place, fresh directions returned) in torch's fused AdamW
+    kernel where it can take the moments: it steps a zero tensor by lr -1, which leaves the direction there. A
+    strided gradient (a transposed view: FRUGAL's whole weights) is copied contiguous first, still several times
+    faster than the foreach ops."""
+    directions: list[Optional[torch.Tensor]] = [None] * len(grads)
+    chosen = [i for i in range(len(grads)) if _fusable(exp_avgs[i], exp_avg_sqs[i])
+              and grads[i].shape == exp_avgs[i].shape]
+    for step, group in _by_step(steps, chosen).items():
+        outs = [torch.zeros_like(exp_avgs[i]) for i in group]
+        _fused_adamw(outs, [grads[i].contiguous() for i in group], [exp_avgs[i] for i in group],
+                     [exp_avg_sqs[i] for i in group], step, -1.0, beta1, beta2, eps, eps_scaled)
+        for i, out in zip(group, outs):
+            directions[i] = out
+    rest = [i for i in range(len(grads)) if directions[i] is None]
+    if rest:
+        found = foreach_adam_direction([grads[i] for i in rest], [exp_avgs[i] for i in rest],
+                                       [exp_avg_sqs[i] for i in rest], [steps[i] for i in rest], beta1, beta2, eps,
+                                       eps_scaled)
+        for i, direction in zip(rest, found):
+            directions[i] = direction
+    return directions
+
+
 def _chunks(entries: list[_Entry],
             numel: Callable[[_Entry], int] = lambda e: e.grad.numel()) -> Iterator[list[_Entry]]:
     """Consecutive runs of entries of at most CHUNK_NUMEL elements (by `numel`; a larger entry alone)."""
@@ -138,6 +206,15 @@ def _drop_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, ba
     weight_c.addmm_(basis, direction, beta=1.0 - decay, alpha=alpha)
 
 
+def _column_squares(matrix: torch.Tensor) -> torch.Tensor:
+    """Squared column norms of a 2-D fp32 tensor, by the faster CPU reduction for its layout: linalg.vector_norm
+    where each column is contiguous (a transposed view), a sum of squares over the rows otherwise (several times
+    faster there than vector_norm over dim 0)."""
+    if matrix.stride(0) == 1 and matrix.shape[0] > 1:
+        return torch.linalg.vector_norm(matrix, dim=0).square_()
+    return matrix.square().sum(dim=0)
+
+
 def _fira_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, basis: torch.Tensor,
                    direction: torch.Tensor, correction: float, lr: float, decay: float) -> None:
     """FiraResidual's update with one back-projection GEMM and S never formed.
@@ -152,24 +229,27 @@ def _fira_epilogue(batch: BatchedStep, entry: _Entry, weight_c: torch.Tensor, ba
     code = residual.fira_variant == "code"
     c = residual.scale if code else 1.0
     core_grad = entry.core_grad
-    phi = direction.norm(dim=0).div_(core_grad.norm(dim=0).add_(FIRA_NORM_EPS))
+    core_squares = _column_squares(core_grad)
+    phi = _column_squares(direction).sqrt_().div_(core_squares.sqrt().add_(FIRA_NORM_EPS))
     if code:
         phi.div_(correction)
-    # the sum in float64, so the terms' cancellation costs no further digits (one fp32 read of Gc, the rest r x a)
-    wide = core_grad.double()
-    columns = torch.linalg.vector_norm(entry.grad_c, dim=0).double().square_()
-    columns.add_(wide.square().sum(dim=0), alpha=-2.0 * c)
-    columns.add_(((basis.T @ basis).double() @ wide).mul_(wide).sum(dim=0), alpha=c * c)
+    # the terms summed in float64, so their cancellation costs no further digits; each is an fp32 column sum, as
+    # accurate as ||Gc_j||^2 itself and as S formed in fp32 would be (one read of Gc, the rest r x a)
+    columns = _column_squares(entry.grad_c).double()
+    columns.add_(core_squares.double(), alpha=-2.0 * c)
+    columns.add_(((basis.T @ basis) @ core_grad).mul_(core_grad).sum(dim=0).double(), alpha=c * c)
     norm = (phi.double().square() * columns.clamp_(min=0.0)).sum().sqrt().float()
     limit = residual.limit(entry.state, norm)
     k = correction if code else residual.scale
     if limit is not None:
         k = k / float(limit)  # a host sync: this path runs where torch runs the step (CPU, mostly)
-    inner = (core_grad * phi).mul_(-k * c).add_(direction, alpha=residual.scale)
-    # U formed first, so the weight is rounded once, as the per-weight rule rounds it
-    update = torch.mul(entry.grad_c, phi.mul_(k), out=batch.scratch(entry.grad_c))
-    update.addmm_(basis, inner)
-    opt.convention.apply_update(weight_c, update, lr, decay)
+    inner = direction.mul_(residual.scale).addcmul_(core_grad, phi, value=-k * c)  # the direction is this step's own
+    # W <- keep W - step (P inner + Gc diag(k phi)) with U never formed: the GEMM with the decay in its beta, then
+    # one addcmul (torch's convention decays first, step = lr; GaLore's after, step = lr keep)
+    keep = 1.0 - decay
+    step = lr * keep if opt.convention.decay_after else lr
+    weight_c.addmm_(basis, inner, beta=keep, alpha=-step)
+    weight_c.addcmul_(entry.grad_c, phi.mul_(k), value=-step)
 
 
 EPILOGUES: dict[type, Callable[..., None]] = {DropResidual: _drop_epilogue, FiraResidual: _fira_epilogue}
@@ -187,6 +267,7 @@ class BatchedStep:
         self.fused_projected: list[_Entry] = []
         self.fused_empty: list[_Entry] = []
         self._scratch: dict[tuple, torch.Tensor] = {}
+        self.bases: dict[float, list[tuple[dict, torch.Tensor]]] = {}  # online PCA: lr factor -> (state, dP)
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         """A buffer of like's shape and strides, shared by the weights of that layout during this step (fresh
@@ -276,7 +357,7 @@ class BatchedStep:
             group = entries[0].group
             beta1, beta2 = group["betas"]
             for chunk in _chunks(entries):
-                foreach_adam_update([e.param for e in chunk], [e.grad for e in chunk],
+                fused_adam_update([e.param for e in chunk], [e.grad for e in chunk],
                                     [e.state[FIRST] for e in chunk], [e.state[SECOND] for e in chunk],
                                     [e.state["adam_step"] for e in chunk], group["lr"], beta1, beta2, group["eps"],
                                     convention.eps_scaled, group["lr"] * group["weight_decay"],
@@ -285,7 +366,7 @@ class BatchedStep:
             group = entries[0].group
             beta1, beta2 = group["betas"]
             for chunk in _chunks(entries):
-                directions = foreach_adam_direction([e.core_grad for e in chunk], [e.state[FIRST] for e in chunk],
+                directions = fused_adam_direction([e.core_grad for e in chunk], [e.state[FIRST] for e in chunk],
                                                     [e.state[SECOND] for e in chunk],
                                                     [e.state["adam_step"] for e in chunk], beta1, beta2,
                                                     group["eps"], convention.eps_scaled)
@@ -295,6 +376,7 @@ class BatchedStep:
             self._epilogue(entry, None, 1.0)
         if self.fused_dense or self.fused_projected or self.fused_empty:
             self._finish_fused()
+        self._step_bases()
         for entries in (*self.dense.values(), *self.projected.values(), self.empty, self.fused_dense,
                         self.fused_projected, self.fused_empty):
             for entry in entries:
@@ -360,9 +442,33 @@ class BatchedStep:
         epilogue = EPILOGUES.get(type(opt.residual))
         if epilogue is not None and direction is not None and entry.basis is not None:
             epilogue(self, entry, weight_c, entry.basis, direction, correction, lr, decay)
+        elif direction is None and type(opt.residual) in (SignSGDResidual, SGDResidual):
+            # an empty subspace: the whole gradient is residual, W -= lr factor sign(Gc) (or Gc), the factor
+            # folded into the step size, the sign written into a shared buffer
+            residual = opt.residual
+            update_c = entry.grad_c
+            if isinstance(residual, SignSGDResidual):
+                update_c = torch.sign(entry.grad_c, out=self.scratch(entry.grad_c))
+            opt.convention.apply_update(weight_c, update_c, lr * residual.scale * residual.inactive_lr_scale, decay)
         else:
             update_c = opt._back_projected(entry.grad_c, entry.core_grad, direction, correction, entry.state,
                                            entry.basis)
             opt.convention.apply_update(weight_c, update_c, lr, decay)
-        projector.adapt(entry.state, entry.grad_c, lr / group["initial_lr"], entry.core_grad)
+        if isinstance(projector, OnlinePCAProjector) and entry.state["basis"].dtype == torch.float32:
+            grad_p = projector.basis_gradient(entry.state, entry.grad_c, entry.core_grad)
+            if grad_p is not None:  # P's AdamW step, batched over the weights in finish
+                self.bases.setdefault(lr / group["initial_lr"], []).append((entry.state, grad_p))
+        else:
+            projector.adapt(entry.state, entry.grad_c, lr / group["initial_lr"], entry.core_grad)
         entry.basis = None
+
+    def _step_bases(self) -> None:
+        """Online PCA's AdamW step on every P at once (OnlinePCAProjector.adapt's, in the fused kernel)."""
+        for lr_factor, items in self.bases.items():
+            for state, _ in items:
+                state["basis_step"] += 1
+            lr = lr_factor / self.opt.projector.update_gap
+            fused_adam_update([s["basis"] for s, _ in items], [g for _, g in items],
+                              [s["basis_exp_avg"] for s, _ in items], [s["basis_exp_avg_sq"] for s, _ in items],
+                              [s["basis_step"] for s, _ in items], lr, OSD_BETAS[0], OSD_BETAS[1], OSD_EPS, True,
+                              lr * OSD_WEIGHT_DECAY, False)

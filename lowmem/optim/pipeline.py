@@ -262,6 +262,8 @@ class PipelineOptimizer(torch.optim.Optimizer):
             update, decay_scale = self._projected_update(grad, state, group, key, ctx, step)
         elif ctx.fused and self._fused_dense_update(weight, grad, state, group, decay, step):
             update = None  # the kernel has updated the weight
+        elif step is None and not ctx.fused and self.core.cpu_update(weight, grad, state, group, decay):
+            update = None  # the CPU kernel has updated the weight
         else:
             update, decay_scale, _ = self._core_step(grad, state, group, ctx, step)
         if update is not None and step is not None and step.lr_scale != 1.0:

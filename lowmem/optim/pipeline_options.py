@@ -169,7 +169,8 @@ class PipelineOptions(OptimizerOptions):
     # the annealing factor's end value (Stable-SPAM's eta_min)
     anneal_min: float = field(default=0.5, metadata=ANY_TRANSFORM)
     seed: int = field(default=0, metadata=EVERY_PIPELINE)  # seeds random projectors and block choices
-    # auto (Triton kernels on CUDA, the pure-torch path elsewhere) | triton | torch (lowmem.kernels.dispatch)
+    # auto (Triton kernels on CUDA, the pure-torch path elsewhere but a C++ kernel for quantized Adam
+    # moments on CPU) | triton | torch (lowmem.kernels.dispatch)
     kernels: str = field(default="auto", metadata=EVERY_PIPELINE)
     # per_weight: the rule one weight at a time (the oracle) | batched: many weights per pass (lowmem.optim.batched,
     # Adam with fp32 moments) | auto: batched where the configuration allows it

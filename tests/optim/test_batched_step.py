@@ -206,3 +206,22 @@ def test_batched_kernels_match_the_per_weight_rule(options, monkeypatch):
 
 def with_kernels(options, kernels):
     return type(options)(**{**options.__dict__, "kernels": kernels})
+
+
+def test_a_transposed_weight_steps_as_the_per_weight_rule_steps():
+    """torch's fused AdamW kernel walks each tensor as one contiguous array whatever its strides: a transposed
+    (non-contiguous) weight with a contiguous gradient takes the foreach ops instead, beside a contiguous one."""
+    def stepped(per_weight: bool):
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(24, 50, generator=gen).T),
+                   torch.nn.Parameter(torch.randn(50, 24, generator=gen))]
+        opt = PipelineOptimizer([{"params": weights, "weight_decay": 0.1}], GaloreOptions(rank=6))
+        for _ in range(3):
+            for p in weights:
+                p.grad = torch.randn(p.shape, generator=gen)  # contiguous, unlike the first weight
+            update(opt, weights, per_weight)
+        return weights
+
+    assert not stepped(False)[0].is_contiguous()
+    for a, b in zip(stepped(False), stepped(True)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -181,3 +181,19 @@ def test_cpu_encode_gives_the_nearest_code_as_a_plain_search_does(bits, kind):
     lifted = (random > 0) & (random < smallest / 2) & (kind == "unsigned") & (qmap.values[0] == 0)
     assert (distance[~lifted] <= nearest[~lifted] + 1e-7).all()
     assert (distance[lifted] <= smallest).all()
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("rank1", [False, True])
+def test_fresh_moments_are_what_quantizing_zeros_stores(state_dtype, rank1):
+    """zeros() writes the codes and scales directly; they equal the stored form of a zero tensor (an odd int4
+    tail, a short last block, the rank-1 second moment)."""
+    storage = QuantizedStorage(state_dtype, rank1)
+    for shape in [(64, 100), (33, 129), (4097,)]:
+        for kind in ("signed", "unsigned"):
+            fresh, stored = {}, {}
+            storage.zeros(fresh, "m", torch.Size(shape), torch.device("cpu"), kind)
+            storage._store(stored, "m", torch.zeros(math.prod(shape)), torch.Size(shape), kind)
+            assert fresh.keys() == stored.keys()
+            for key, value in stored.items():
+                assert torch.equal(fresh[key], value) and fresh[key].dtype == value.dtype, (shape, kind, key)

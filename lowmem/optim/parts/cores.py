@@ -155,6 +155,11 @@ class Core:
         done, where the core has no such kernel."""
         return False
 
+    def cpu_update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, decay: float) -> bool:
+        """Step and update the fp32 CPU `weight` in one pass of a CPU kernel (lowmem.kernels.cpu_adam), as
+        fused_update does on CUDA; False, with nothing done, where the core has none for this state."""
+        return False
+
     def fuses_clip(self, shape: torch.Size) -> bool:
         """Whether the fused kernels apply SPAM's element-wise clip against the second moment themselves
         (CoreContext.clip, fused_update's clip) for a gradient of this shape; then fused_update never declines."""
@@ -219,6 +224,25 @@ def kernel_moments(state: dict, storage: Storage) -> "Moments":
                    kernel_map(storage.bits, "unsigned", device), q.SCALE_FLOOR)
 
 
+def cpu_moments(state: dict) -> tuple[torch.Tensor, ...]:
+    """The quantized Adam moments in `state` as the CPU kernel takes them: codes and absmax scales, contiguous
+    (made so in the state, since the kernel updates them in place)."""
+    keys = (FIRST, SECOND, FIRST + "_absmax", SECOND + "_absmax")
+    for key in keys:
+        if not state[key].is_contiguous():
+            state[key] = state[key].contiguous()
+    return tuple(state[key] for key in keys)
+
+
+@functools.cache
+def cpu_tables(bits: int):
+    """The signed and unsigned state maps of `bits` as the CPU kernel reads them (built once per width)."""
+    from lowmem.kernels import cpu_adam
+
+    maps = [q.state_map(bits, kind) for kind in ("signed", "unsigned")]
+    return cpu_adam.Tables(maps[0].values, maps[1].values, *(cpu_adam.encode_table(*m.prefix_tables()) for m in maps))
+
+
 def moment_parts(storage: Storage, shape: tuple[int, ...], moments: list[tuple[str, str]]) -> dict[str, int]:
     """Bytes of `moments` ((part name, signed | unsigned) each) and of their quantization scales."""
     parts = {"scales": 0}
@@ -274,6 +298,13 @@ class AdamCore(Core):
             direction = adam_direction(grad, kernel_moments(state, storage), state["adam_step"], beta1, beta2,
                                        group["eps"], self.convention.eps_scaled, ctx.clip)
             return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
+        if self._cpu_kernel(storage, grad):
+            from lowmem.kernels import cpu_adam
+
+            direction = cpu_adam.adam_direction(grad, cpu_moments(state), cpu_tables(storage.bits), storage.bits,
+                                                state["adam_step"], beta1, beta2, group["eps"],
+                                                self.convention.eps_scaled)
+            return CoreStep(direction, bias_correction(state["adam_step"], beta1, beta2))
         exp_avg = storage.read(state, FIRST, grad.shape, "signed")
         exp_avg_sq = storage.read(state, SECOND, grad.shape, "unsigned")
         direction = adam_math(grad, exp_avg, exp_avg_sq, state["adam_step"], beta1, beta2, group["eps"],
@@ -300,6 +331,29 @@ class AdamCore(Core):
         beta1, beta2 = group["betas"]
         adam_update(weight, grad, kernel_moments(state, storage), state["adam_step"], group["lr"] * lr_scale, beta1,
                     beta2, group["eps"], self.convention.eps_scaled, decay, self.convention.decay_after, clip=clip)
+        return True
+
+    def _cpu_kernel(self, storage: Storage, grad: torch.Tensor) -> bool:
+        """Whether quantized moments of this gradient step in the CPU kernel: kernels auto, fp32 gradients on the
+        CPU, block-normalized moments (not the rank-1 int4 second moment), where the kernel builds."""
+        if (self.options.kernels != "auto" or grad.device.type != "cpu" or grad.dtype != torch.float32
+                or not isinstance(storage, QuantizedStorage) or storage._rank1(grad.shape, "unsigned")):
+            return False
+        from lowmem.kernels import cpu_adam
+
+        return cpu_adam.available()
+
+    def cpu_update(self, weight, grad, state, group, decay):
+        storage = self._storage(grad.shape)
+        if not (weight.is_contiguous() and self._cpu_kernel(storage, grad)):
+            return False
+        from lowmem.kernels import cpu_adam
+
+        storage = self._count(grad, state)
+        beta1, beta2 = group["betas"]
+        cpu_adam.adam_update(weight, grad, cpu_moments(state), cpu_tables(storage.bits), storage.bits,
+                             state["adam_step"], group["lr"], beta1, beta2, group["eps"], self.convention.eps_scaled,
+                             decay, self.convention.decay_after)
         return True
 
     def fuses_clip(self, shape):

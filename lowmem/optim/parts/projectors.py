@@ -381,17 +381,10 @@ class OnlinePCAProjector(Projector):
         state["basis_fresh"] = True  # the first P step follows the update after the one that set it
 
     def adapt(self, state, grad_c, lr_factor, core_grad=None):
-        if state.pop("basis_fresh", False):
+        grad_p = self.basis_gradient(state, grad_c, core_grad)
+        if grad_p is None:
             return
         p = state["basis"].float()
-        grad_c = grad_c.float()
-        inv = 1.0 / (grad_c.norm() + 1e-30)  # X = inv Gc
-        core = core_grad if core_grad is not None else p.T @ grad_c  # R = P^T Gc: the core's, when given
-        # d/dP ||E||^2 = 2 (E X^T P + X E^T P), E = P P^T X - X. With X^T P = inv R^T it is, exactly,
-        # 2 inv^2 (P R R^T + Gc R^T (P^T P - 2 I)): one b x a GEMM, and E is never formed
-        gram = p.T @ p
-        gram.diagonal().sub_(2.0)
-        grad_p = (p @ (core @ core.T)).add_(grad_c @ (core.T @ gram)).mul_(2.0 * inv * inv)
         state["basis_step"] += 1
         exp_avg, exp_avg_sq = state["basis_exp_avg"].float(), state["basis_exp_avg_sq"].float()
         direction = adam_math(grad_p, exp_avg, exp_avg_sq, state["basis_step"], OSD_BETAS[0], OSD_BETAS[1], OSD_EPS,
@@ -401,6 +394,22 @@ class OnlinePCAProjector(Projector):
         for key, value in (("basis", p), ("basis_exp_avg", exp_avg), ("basis_exp_avg_sq", exp_avg_sq)):
             if value is not state[key]:  # bf16 storage: the math above ran on fp32 copies
                 state[key].copy_(value)
+
+    def basis_gradient(self, state: dict, grad_c: torch.Tensor,
+                       core_grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The gradient of the PCA loss in P for this update (what adapt steps P with), or None when P is not
+        stepped now (the update that set it by a refresh)."""
+        if state.pop("basis_fresh", False):
+            return None
+        p = state["basis"].float()
+        grad_c = grad_c.float()
+        inv = 1.0 / (grad_c.norm() + 1e-30)  # X = inv Gc
+        core = core_grad if core_grad is not None else p.T @ grad_c  # R = P^T Gc: the core's, when given
+        # d/dP ||E||^2 = 2 (E X^T P + X E^T P), E = P P^T X - X. With X^T P = inv R^T it is, exactly,
+        # 2 inv^2 (P R R^T + Gc R^T (P^T P - 2 I)): one b x a GEMM, and E is never formed
+        gram = p.T @ p
+        gram.diagonal().sub_(2.0)
+        return (p @ (core @ core.T)).add_(grad_c @ (core.T @ gram)).mul_(2.0 * inv * inv)
 
     def state_bytes(self, shape, rank, itemsize):
         return 3 * small_side(shape)[0] * rank * itemsize

@@ -23,12 +23,10 @@ from typing import Literal
 
 import torch
 
+from lowmem.kernels.constants import SCALE_FLOOR
+
 Kind = Literal["signed", "unsigned"]
 
-# A block of zeros divides by this, not by 0 (its codes then decode to 0 * map = 0). Encode and decode both floor
-# the scale, so a block whose absmax is below the floor still decodes to what was stored; the floor sits far
-# below any second moment a gradient makes (a 1e-8 gradient gives 1e-16 x (1 - beta2)).
-SCALE_FLOOR = 1e-30
 
 
 def dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
@@ -94,6 +92,13 @@ class QuantMap:
         the top 16 bits of a float, in an order-preserving form, select one of 65536 intervals; every interval
         holds at most one midpoint (checked when the table is built), so the code is the number of midpoints
         below the interval plus one comparison."""
+        below, threshold = self.prefix_tables()
+        key = _order_key(x).reshape(-1)  # int32: index_select with int32 indices is the fastest CPU gather
+        return below.index_select(0, key).add_(x.reshape(-1) > threshold.index_select(0, key)).view(x.shape)
+
+    def prefix_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU encode tables (_encode_by_prefix): per 16-bit prefix, the midpoints below it (uint8) and the
+        one midpoint inside it (fp32; +inf where none)."""
         if self._prefix is None:
             keys = _order_key(self.midpoints.contiguous()).long()
             every = torch.arange(1 << 16)
@@ -103,9 +108,7 @@ class QuantMap:
             threshold = torch.full((1 << 16,), float("inf"))
             threshold[inside > 0] = self.midpoints[below[inside > 0]]
             self._prefix = (below.to(torch.uint8), threshold)
-        below, threshold = self._prefix
-        key = _order_key(x).reshape(-1)  # int32: index_select with int32 indices is the fastest CPU gather
-        return below.index_select(0, key).add_(x.reshape(-1) > threshold.index_select(0, key)).view(x.shape)
+        return self._prefix
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         values, _ = self.tables(codes.device)

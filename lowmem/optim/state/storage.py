@@ -88,8 +88,18 @@ class QuantizedStorage(Storage):
 
     def zeros(self, state, key, shape, device, kind):
         numel = math.prod(shape)
-        zeros = torch.zeros(numel, device=device)
-        self._store(state, key, zeros, shape, kind)
+        if self._rank1(torch.Size(shape), kind):
+            self._store(state, key, torch.zeros(numel, device=device), shape, kind)
+            return
+        # what _store writes for zeros, without quantizing them: every code is the code of 0 (an odd int4 tail's
+        # high nibble 0, as pack_nibbles pads), every absmax 0
+        code = int(q.state_map(self.bits, kind).encode(torch.zeros(1))[0])
+        codes = torch.full((q.code_bytes(numel, self.bits),), code | (code << 4) if self.bits == 4 else code,
+                           dtype=torch.uint8, device=device)
+        if self.bits == 4 and numel % 2:
+            codes[-1] = code
+        state[key] = codes
+        state[key + "_absmax"] = torch.zeros(-(-numel // self.block), device=device)
 
     def _scales(self, state: dict, key: str, shape: torch.Size, kind: q.Kind) -> torch.Tensor:
         if self._rank1(shape, kind):
