@@ -192,13 +192,15 @@ class ChatFormat(InstructFormat):
         return encode_chat(row, where, tokenizer, cfg)
 
 
-def iter_documents(cfg: DataConfig, tokenizer, split: str) -> Iterator[Document]:
+def iter_documents(cfg: DataConfig, tokenizer, split: str, counts: dict[str, int] | None = None
+                   ) -> Iterator[Document]:
     """The split's documents, truncated to `seq_len`, first token never a target; rows left without a
-    target are dropped (with a warning counting them)."""
+    target are dropped (with a warning counting them). `counts` receives rows read and dropped."""
     instruct_format = INSTRUCT_FORMATS.lookup(cfg.instruct.format)()
     instruct_format.check(tokenizer)
-    dropped = 0
+    dropped = read = 0
     for row, where in iter_split(cfg, split):
+        read += 1
         ids, targets = instruct_format.encode(row, where, tokenizer, cfg.instruct)
         ids, targets = ids[: cfg.seq_len], targets[: cfg.seq_len]
         if targets:
@@ -210,6 +212,29 @@ def iter_documents(cfg: DataConfig, tokenizer, split: str) -> Iterator[Document]
     if dropped:
         log.warning("data.instruct: %d %s rows have no response token within data.seq_len %d and were dropped",
                     dropped, split, cfg.seq_len)
+    if counts is not None:
+        counts.update(read=read, dropped=dropped)
+
+
+def describe_rows(documents: list[Document], counts: dict[str, int], tokenizer, rows: int, cfg: DataConfig) -> list[str]:
+    """What a fine-tuning run reads, as LLaMA-Factory shows it: rows read and dropped, the share of response
+    tokens (what the loss covers), and the first document decoded with its loss mask marked."""
+    tokens = sum(len(ids) for ids, _ in documents)
+    response = sum(sum(targets) for _, targets in documents)
+    lines = [f"data: {counts['read']} instruction rows read, {counts['dropped']} dropped (no response token within "
+             f"data.seq_len {cfg.seq_len}), {rows} training rows of {cfg.seq_len} tokens"
+             f"{' (packed)' if cfg.packing else ''}; {response / max(tokens, 1):.1%} of the tokens are response "
+             f"tokens, which the loss covers"]
+    if documents:
+        ids, targets = documents[0]
+        pieces, start = [], 0
+        for end in range(1, len(ids) + 1):  # runs of tokens with the same mask, decoded together
+            if end == len(ids) or targets[end] != targets[start]:
+                text = tokenizer.decode(ids[start:end])
+                pieces.append(f"[[{text}]]" if targets[start] else text)
+                start = end
+        lines.append("example (the loss covers the text in [[ ]]): " + "".join(pieces).replace("\n", "\\n"))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,9 +286,13 @@ class InstructBatches(MapStyleBatches):
     @classmethod
     def build(cls, cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: int = 0,
               world_size: int = 1) -> InstructBatches:
-        rows = split_rows(cfg, tokenizer, "train")
+        counts: dict[str, int] = {}
+        documents = list(iter_documents(cfg, tokenizer, "train", counts))
+        rows = build_rows(documents, cfg.seq_len, tokenizer.pad_token_id, cfg.packing)
         if len(rows[0]) == 0:
             raise DataError(f"data.instruct: no training rows with a response in data.files {cfg.files or cfg.name}")
+        for line in describe_rows(documents, counts, tokenizer, len(rows[0]), cfg):
+            log.info(line)
         return cls([rows], cfg.seq_len, batch_size, seed, rank, world_size)
 
     def collate(self, rows: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:

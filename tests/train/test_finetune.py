@@ -267,3 +267,23 @@ def test_eval_rows_are_the_held_out_ones(tiny_finetune):
     assert held and train and not (train & held)
     with pytest.raises(DataError, match="eval split"):
         instruct.instruct_eval_batches(DataConfig(**{**cfg.__dict__, "eval_fraction": 1e-9}), tokenizer, 4, 100)
+
+
+def test_fine_tuning_prints_what_it_reads_and_one_example_with_its_loss_mask(tmp_path, tiny_finetune, capsys):
+    config = finetune_config(tmp_path, tiny_finetune["llama"], "data.seq_len=12")
+    trainer = Trainer(config)
+    out = capsys.readouterr().out
+    summary = next(line for line in out.splitlines() if line.startswith("data: ") and "instruction rows" in line)
+    read, dropped = (int(summary.split()[1]), int(summary.split(", ")[1].split()[0]))
+    rows = trainer.train_batches
+    documents = list(instruct.iter_documents(config.data, trainer.tokenizer, "train"))
+    assert read - dropped == len(documents) > 0 and "training rows of 12 tokens" in summary
+    shown = float(summary.split("; ")[1].split("%")[0]) / 100
+    (ids, labels, _), = rows.blocks  # the share printed is the share of the trained tokens the loss covers
+    tokens = sum(len(doc) for doc, _ in documents)
+    assert shown == pytest.approx(int((labels != -100).sum()) / tokens, abs=0.001)
+    assert len(ids) == int(summary.split("dropped")[1].split(", ")[1].split()[0])
+    example = next(line for line in out.splitlines() if line.startswith("example (the loss covers"))
+    shown_text = example.split("]]: ", 1)[1]  # after the legend
+    assert shown_text.count("[[") == shown_text.count("]]") >= 1 and "<|assistant|>" in shown_text.split("[[")[0]
+    trainer.close()
