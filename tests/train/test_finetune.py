@@ -284,6 +284,6 @@ def test_fine_tuning_prints_what_it_reads_and_one_example_with_its_loss_mask(tmp
     assert shown == pytest.approx(int((labels != -100).sum()) / tokens, abs=0.001)
     assert len(ids) == int(summary.split("dropped")[1].split(", ")[1].split()[0])
     example = next(line for line in out.splitlines() if line.startswith("example (the loss covers"))
-    shown_text = example.split("]]: ", 1)[1]  # after the legend
+    shown_text = example.split("]]): ", 1)[1]  # after the legend
     assert shown_text.count("[[") == shown_text.count("]]") >= 1 and "<|assistant|>" in shown_text.split("[[")[0]
     trainer.close()
