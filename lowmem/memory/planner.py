@@ -8,8 +8,9 @@ The config is validated as `train.py` validates it on N ranks (lowmem.config.val
 DeepSpeed JSON, ZeRO-3's element-wise optimizers), so the planner accepts and refuses exactly what training
 does; --zero-stage S plans distributed.backend=deepspeed with distributed.zero_stage=S and must agree with them.
 
-Rows: parameters (in the training dtype), gradients (none for weights stepped in backward: only the largest
-one exists at a time), optimizer state by part (projector bases, moments in their storage dtype,
+Rows: parameters (in the training dtype), gradients (one at a time for weights stepped in backward, the
+largest counted, but all of them with train.grad_accum > 1: accumulation sums into every gradient before the
+last micro-batch steps them), optimizer state by part (projector bases, moments in their storage dtype,
 quantization scales, windows, ...; each optimizer's own formula, equal to the counted bytes after the first
 update), activations saved for backward (lowmem.memory.activations: traced on the meta device, with checkpointing
 applied), and their total per rank. Under ZeRO the states, gradients and parameters are divided by the
@@ -31,7 +32,7 @@ import torch
 
 from lowmem.config.files import load_tree
 from lowmem.config.schema import deep_merge, flatten
-from lowmem.distributed.deepspeed_settings import check_zero3_optimizer, zero_stage_of
+from lowmem.distributed.deepspeed_settings import check_zero3_optimizer, grad_accum_for, zero_stage_of
 from lowmem.errors import ConfigError
 from lowmem.memory.plan import MemoryPlan
 from lowmem.train.config import Config, config_from_tree
@@ -80,11 +81,15 @@ def plan_memory(config: Config, world_size: int = 1, zero_stage: int = 0) -> Mem
     optimizer = build_optimizer(model, config.optimizer)
     check_zero3_optimizer(config, optimizer, zero_stage_of(config))  # as the run refuses it at start
     parts = optimizer.predicted_state_parts()
-    in_backward = config.optimizer.update_in_backward
+    accum = grad_accum_for(config, world_size)
     gradients = sum(p.numel() * p.element_size() for p in trainable)
-    if in_backward:  # each gradient is freed by its own update: only the largest exists at once
+    if config.optimizer.update_in_backward and accum == 1:
+        # each gradient is freed by its own update: only the largest exists at once
         gradients = max(p.numel() * p.element_size() for p in trainable)
         notes.append("update in backward: only one weight's gradient exists at a time (the largest is counted)")
+    elif config.optimizer.update_in_backward:
+        notes.append(f"update in backward with {accum} micro-batches per update: the gradients accumulate over "
+                     f"the first {accum - 1}, so every gradient exists at once (train.grad_accum=1 frees them)")
     activations = saved_activation_bytes(model, config.train.batch_size, config.data.seq_len,
                                          autocast_bf16=config.train.precision == "bf16_autocast",
                                          checkpointing=config.model.activation_checkpointing).total

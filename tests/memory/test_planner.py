@@ -45,6 +45,16 @@ def test_update_in_backward_holds_one_gradient_and_checkpointing_fewer_activatio
     assert checkpointed.activations < plan.activations
 
 
+def test_update_in_backward_with_accumulation_keeps_every_gradient(tmp_path, corpus, make_config):
+    """Accumulated micro-batches sum into every weight's gradient before the last backward steps them: with
+    grad_accum > 1 updating in backward frees nothing, so the planner counts them all."""
+    args = ("model.vocab_size=300", "optimizer.update_in_backward=true", "train.grad_clip=0")
+    one = plan_memory(make_config(tmp_path, corpus, *args))
+    accumulated = plan_memory(make_config(tmp_path, corpus, *args, "train.grad_accum=2"))
+    assert accumulated.gradients == accumulated.parameters > one.gradients
+    assert any("every gradient exists at once" in note for note in accumulated.notes)
+
+
 def test_zero_stages_divide_what_they_shard(tmp_path, corpus, make_config):
     config = make_config(tmp_path, corpus, "model.vocab_size=300", "optimizer.name=galore")
     one = plan_memory(config)
