@@ -303,12 +303,12 @@ def _format_search(verdict: Verdict, world_size: int, zero_flag: Optional[int],
     ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
     scope = (f"{search.tried} settings tried{' (the cap)' if search.capped else ''} "
              + (f"on up to {most} ranks, as --max-world-size allows" if most > world_size
-                else f"on {ranks}; --max-world-size N lets the planner add ranks"))
+                else f"on {ranks}; --max-world-size N allows more"))
     if not search.suggestions:
         return [f"    nothing the planner may change fits {verdict.label} ({scope});",
                 "    it needs a smaller model (model.preset), fewer trained weights (model.lora, model.freeze) "
                 "or more ranks"]
-    lines = [f"    what fits {verdict.label}, the model unchanged ({scope});",
+    lines = [f"    what fits {verdict.label}, the model unchanged ({scope}),",
              "    fewest changes first, each with its total and what to add to the command:"]
     for i, suggestion in enumerate(search.suggestions, 1):
         overrides, flags = command_additions(suggestion, world_size, zero_flag)
