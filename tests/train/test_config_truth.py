@@ -170,7 +170,7 @@ def test_planner_plans_the_stage_the_config_trains_with(tmp_path, corpus, capsys
     argv = s.deepspeed(agreeing, "distributed.backend=deepspeed", "distributed.zero_stage=1", "model.vocab_size=300")
     assert planner.main([*argv, "--world-size", "2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert (plan["zero_stage"], plan["world_size"]) == (1, 2)
+    assert (plan["assumptions"]["zero_stage"], plan["assumptions"]["world_size"]) == (1, 2)
 
 
 def recorded(run_dir: Path) -> dict:
