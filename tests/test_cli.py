@@ -34,7 +34,7 @@ def test_dry_run_prints_the_header_data_and_plan_and_writes_nothing(tmp_path, ca
     assert cli.main(["configs/quickstart.yaml", f"run.out_dir={tmp_path}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("model: llama_9m, 1.85M parameters")
-    assert "data.source 'embedded'" in out and "memory per rank" in out and "total" in out
+    assert "data.source 'embedded'" in out and "assumptions: llama_9m" in out and "total" in out
     assert not any(tmp_path.iterdir())
 
 
