@@ -438,7 +438,11 @@ class Trainer:
         policy = getattr(self.optimizer, "policy", None)
         if policy is not None:
             return policy.state_dtype
-        dtypes = {p.dtype for p in self.model.parameters() if p.requires_grad}
+        held = {t.dtype for state in getattr(self.optimizer, "state", {}).values() for t in state.values()
+                if torch.is_tensor(t) and t.numel() > 1}  # after the first update: what it stores (bitsandbytes)
+        if held & {torch.uint8, torch.int8}:
+            return "int8"
+        dtypes = held or {p.dtype for p in self.model.parameters() if p.requires_grad}
         return "bf16" if dtypes == {torch.bfloat16} else "fp32"
 
     def _peak_memory(self, logged_peak: int) -> str | None:
@@ -463,13 +467,15 @@ class Trainer:
         reports = self.runtime.gather(report)
         if not self.dist.is_main:
             return
+        # what a study's table names beside the bytes: the moments' storage and the model's size
+        described = {"state_dtype": self._state_dtype(), "parameters": count_parameters(self.model)["total"]}
         if len(reports) == 1:
             log.info("memory (tensor bytes after the first update):\n" + format_memory_table(report))
-            self.metrics.log({"step": self.step, "event": "memory", **report})
+            self.metrics.log({"step": self.step, "event": "memory", **described, **report})
             return
         stage = getattr(self.runtime, "stage", 0)  # DDP keeps everything on every rank, as stage 0
         state = sum(r["optimizer_state_bytes"] for r in reports) if stage >= 1 else report["optimizer_state_bytes"]
         formula = zero_formula(self.model, state, self.dist.world_size, stage)
         log.info(f"memory per rank (tensor bytes after the first update, {self.dist.backend}):\n" + format_rank_table(reports, {f"ZeRO-{stage} formula": formula}))
-        self.metrics.log({"step": self.step, "event": "memory", **report, "ranks": reports,
+        self.metrics.log({"step": self.step, "event": "memory", **described, **report, "ranks": reports,
                           "zero_formula": formula})

@@ -41,7 +41,8 @@ def test_run_writes_checkpoint_metrics_and_eval(tmp_path, corpus, make_config):
     memory = records[0]
     num_tensors = sum(1 for _ in trainer.model.parameters())
     # AdamW: two fp32 moments per weight plus one fp32 step counter per tensor.
-    assert memory["event"] == "memory"
+    assert memory["event"] == "memory" and memory["state_dtype"] == "fp32"
+    assert memory["parameters"] == sum(p.numel() for p in trainer.model.parameters())
     assert memory["optimizer_state_bytes"] == 2 * memory["params_bytes"] + 4 * num_tensors
     assert memory["grads_bytes"] == memory["params_bytes"]
     steps = [r for r in records if "loss" in r]
@@ -53,6 +54,14 @@ def test_run_writes_checkpoint_metrics_and_eval(tmp_path, corpus, make_config):
     assert [p.name for p in list_checkpoints(config.run_dir)] == ["step_00000008", "step_00000012"]
     saved = yaml.safe_load((config.run_dir / "config.yaml").read_text())
     assert saved["optimizer"]["lr"] == 0.01 and saved["data"]["seq_len"] == 32
+
+
+@pytest.mark.parametrize("name, dtype", [("bnb_adamw8bit", "int8"), ("adamw8bit", "int8"), ("galore", "fp32")])
+def test_the_memory_record_names_how_the_moments_are_stored(tmp_path, corpus, make_config, name, dtype):
+    config = make_config(tmp_path, corpus, f"optimizer.name={name}", "optimizer.lr=0.01", "train.max_steps=1",
+                         "train.eval_every=0", "checkpoint.every=0")
+    Trainer(config).fit()
+    assert read_metrics(config.run_dir)[0]["state_dtype"] == dtype  # after the first update: what is held
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, corpus, make_config):

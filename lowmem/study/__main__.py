@@ -1,0 +1,5 @@
+import sys
+
+from lowmem.study import main
+
+sys.exit(main())
