@@ -24,7 +24,6 @@ import argparse
 import copy
 import itertools
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
