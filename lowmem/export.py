@@ -49,8 +49,8 @@ def fake_quantize_weights(model: PreTrainedModel, quant: QuantConfig) -> list[st
     return list(targets)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint to export: `path` itself, or for a run directory its newest checkpoint that loads and
+def resolve_checkpoint(path: Path, doing: str = "exporting") -> Path:
+    """The checkpoint to export or generate from: `path` itself, or for a run directory its newest checkpoint that loads and
     holds finite weights."""
     if not path.is_dir():
         raise ConfigError(f"checkpoint directory '{path}' not found")
@@ -59,7 +59,7 @@ def resolve_checkpoint(path: Path) -> Path:
         if found is None:
             raise CheckpointError(f"run directory '{path}' holds no checkpoint that loads with finite weights; "
                                   f"pass a checkpoints/step_XXXXXXXX directory")
-        log.info(f"exporting {found}, the newest good checkpoint of the run directory {path}")
+        log.info(f"{doing} {found}, the newest good checkpoint of the run directory {path}")
         return found
     if not (path / "model").is_dir() or not (path / "state.pt").is_file():
         raise ConfigError(f"'{path}' is not a complete checkpoint (needs model/ and state.pt); pass a "
