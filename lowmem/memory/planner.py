@@ -5,7 +5,7 @@ a GPU it does not fit, the cheapest settings that would fit.
     python -m lowmem.memory CONFIG.yaml [MORE.yaml ...] [dotted.key=value ...] [--gpu 24GB,80GB] [--json]
         [--world-size N] [--max-world-size M] [--zero-stage 0-3] [--measure]
 
-The config is validated as `train.py` validates it on N ranks (lowmem.config.validate: launcher flags, the
+The config is validated as `train.py` validates it on N ranks (lowmem.train.config.validate: launcher flags, the
 DeepSpeed JSON, ZeRO-3's element-wise optimizers), so the planner accepts and refuses exactly what training
 does; --zero-stage S plans distributed.backend=deepspeed with distributed.zero_stage=S and must agree with them.
 
@@ -387,11 +387,13 @@ def with_zero_stage(tree: dict, stage: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowmem.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("more", nargs="*", metavar="ARG", help="more YAML files, then dotted.key=value overrides")
-    parser.add_argument("--gpu", default="", help="GPU sizes to check, comma-separated (24GB,80GB); for a size "
-                                                  "the plan does not fit, the planner says what would")
+    parser = argparse.ArgumentParser(prog="python -m lowmem.memory", description=__doc__.split("\n\n")[0].replace(
+        "\n", " "))
+    parser.add_argument("config", help="the training config's YAML file, as train.py takes it")
+    parser.add_argument("more", nargs="*", metavar="ARG",
+                        help="more YAML files merged in order, then dotted.key=value overrides, as train.py takes them")
+    parser.add_argument("--gpu", default="", help="GPU sizes to check, comma-separated (24GB,80GB); for a size the "
+                                                  "plan does not fit, the planner lists the settings that would fit")
     parser.add_argument("--world-size", type=int, default=1, help="ranks to plan for (each GPU holds one)")
     parser.add_argument("--max-world-size", type=int, default=None,
                         help="let the suggestions use up to this many ranks (with ZeRO); default: --world-size")

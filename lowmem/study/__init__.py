@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowmem.study", description=(
         "Train several optimizer configurations on the same model, data and token budget, each over its seeds, "
         "and write a table and plots of memory against perplexity."))
-    parser.add_argument("study", help="study YAML (see configs/studies/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
+    parser.add_argument("study", help="the study's YAML file (configs/studies/ has examples; the README lists its keys)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run of the study")
     args = parser.parse_args(argv)
     try:
         run_study(args.study, args.overrides)
