@@ -258,11 +258,13 @@ class PipelineOptimizer(torch.optim.Optimizer):
             group = self.transforms.group(group, step)
         ctx = CoreContext(weight, key.label, self._fused(grad.device))
         decay = group["lr"] * group["weight_decay"]
+        # a kernel that steps the weight itself would do so before any direction stage saw D
+        one_pass = not self.directions
         if projected:
             update, decay_scale = self._projected_update(grad, state, group, key, ctx, step)
-        elif ctx.fused and self._fused_dense_update(weight, grad, state, group, decay, step):
+        elif one_pass and ctx.fused and self._fused_dense_update(weight, grad, state, group, decay, step):
             update = None  # the kernel has updated the weight
-        elif step is None and not ctx.fused and self.core.cpu_update(weight, grad, state, group, decay):
+        elif one_pass and step is None and not ctx.fused and self.core.cpu_update(weight, grad, state, group, decay):
             update = None  # the CPU kernel has updated the weight
         else:
             update, decay_scale, _ = self._core_step(grad, state, group, ctx, step)
@@ -288,8 +290,6 @@ class PipelineOptimizer(torch.optim.Optimizer):
         """Step a dense weight in one fused kernel pass, with the transforms' core-stage work in it (SPAM's clip,
         the moment reset before it, the warm-up's lr scale); False, with nothing done, where it cannot."""
         clip, lr_scale = None, 1.0
-        if self.directions:  # the kernel would step the weight before the direction stages see D
-            return False
         if step is not None:
             if not (self.transforms.core_parts_fusable and self.core.fuses_clip(grad.shape)):
                 return False

@@ -73,3 +73,16 @@ def test_cautious_is_a_matrix_rule_and_allows_projected_sync():
 def test_an_unknown_direction_is_refused_with_the_closest_name():
     with pytest.raises(ConfigError, match=r"optimizer.directions\[0\]: 'cautios'.*did you mean 'cautious'"):
         parse_optimizer_options({"name": "galore", "directions": ["cautios"]})
+
+
+def test_a_direction_stage_is_not_skipped_by_a_kernel_that_steps_the_weight_itself():
+    """int8 moments on CPU step in one pass of the C++ kernel under kernels auto; with a direction stage the
+    weight must take the masked direction, as on the torch path."""
+    weight, grads = torch.randn(128, 64), gradients((128, 64), 5)
+
+    def run(kernels, directions):
+        return step_all(DenseOptions(lr=1e-2, state_dtype="int8", kernels=kernels, directions=directions), weight,
+                        grads)[0]
+
+    torch.testing.assert_close(run("auto", ["cautious"]), run("torch", ["cautious"]), atol=1e-5, rtol=1e-5)
+    assert (run("auto", ["cautious"]) - run("auto", [])).abs().max() > 1e-3
