@@ -162,7 +162,7 @@ def dry_run(config, files: list[str], overrides: list[str]) -> int:
     from lowmem.data.sources import data_source
     from lowmem.distributed.deepspeed_settings import grad_accum_for
     from lowmem.memory import planner
-    from lowmem.memory.report import state_versus_adamw
+    from lowmem.memory.report import state_dtype_of, state_versus_adamw
     from lowmem.model.build import build_meta_model, count_parameters, prepare_for_training
     from lowmem.optim import build_optimizer
     from lowmem.train.progress import start_header
@@ -174,10 +174,9 @@ def dry_run(config, files: list[str], overrides: list[str]) -> int:
     state_line, _ = state_versus_adamw(model, optimizer, config.optimizer)
     tokens_per_update = config.train.batch_size * grad_accum_for(config, world) * world * config.data.seq_len
     steps = config.train.max_steps if config.train.max_tokens is None else -(-config.train.max_tokens // tokens_per_update)
-    policy = getattr(optimizer, "policy", None)
     for line in start_header(counts=count_parameters(model), config=config, tokens_per_update=tokens_per_update,
-                             total_steps=steps, device=config.train.device, state_dtype=policy.state_dtype if policy
-                             else "fp32", state_line=state_line, distributed=None):
+                             total_steps=steps, device=config.train.device,
+                             state_dtype=state_dtype_of(model, optimizer), state_line=state_line, distributed=None):
         print(line)
     print(f"data: {data_source(config.data).describe()}, sequences of {config.data.seq_len} tokens"
           + (", instruction rows" if config.data.instruct is not None else ""))

@@ -72,6 +72,20 @@ def format_memory_table(report: dict[str, int]) -> str:
     return "\n".join(f"  {name:<{width}}  {value:>12}" for name, value in rows)
 
 
+def state_dtype_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """How the optimizer's moments are stored: a lowmem optimizer's resolved storage; for another, the state it
+    holds after its first update (bitsandbytes' uint8 codes: int8), else its trainable weights' dtype."""
+    policy = getattr(optimizer, "policy", None)
+    if policy is not None:
+        return policy.state_dtype
+    held = {t.dtype for state in getattr(optimizer, "state", {}).values() for t in state.values()
+            if torch.is_tensor(t) and t.numel() > 1}
+    if held & {torch.uint8, torch.int8}:
+        return "int8"
+    dtypes = held or {p.dtype for p in model.parameters() if p.requires_grad}
+    return "bf16" if dtypes == {torch.bfloat16} else "fp32"
+
+
 def adamw_state_bytes(model: torch.nn.Module) -> int:
     """What torch AdamW would hold for this model: two moments in each trainable weight's dtype and a step."""
     return sum(2 * p.numel() * p.element_size() + TORCH_ADAMW_STEP_BYTES

@@ -27,7 +27,8 @@ from lowmem.data.tokenizer import build_tokenizer, load_saved_tokenizer
 from lowmem.distributed import launch
 from lowmem.distributed.runtime import RUNTIMES
 from lowmem.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
-from lowmem.memory.report import format_memory_table, format_rank_table, memory_report, state_versus_adamw, zero_formula
+from lowmem.memory.report import (format_memory_table, format_rank_table, memory_report, state_dtype_of,
+                                  state_versus_adamw, zero_formula)
 from lowmem.model.build import build_meta_model, build_model, count_parameters, prepare_for_training, weight_dtype
 from lowmem.optim import build_optimizer
 from lowmem.optim.groups import check_options_against_model
@@ -374,7 +375,7 @@ class Trainer:
                        f"{self.dist.world_size} ranks") if self.dist.distributed else None
         header = progress_lines.start_header(
             counts=counts, config=cfg, tokens_per_update=self.global_batch * cfg.data.seq_len,
-            total_steps=self.total_steps, device=self.device, state_dtype=self._state_dtype(),
+            total_steps=self.total_steps, device=self.device, state_dtype=state_dtype_of(self.model, self.optimizer),
             state_line=("warning: " if saves_nothing else "") + state_line, distributed=distributed)
         for line in header[:-1]:
             log.info(line)
@@ -433,18 +434,6 @@ class Trainer:
                                          state_bytes=self.runtime.optimizer_state_bytes(), peak=self._peak_memory(peak)))
         return last
 
-    def _state_dtype(self) -> str:
-        """How the optimizer's moments are stored, as resolved for these weights."""
-        policy = getattr(self.optimizer, "policy", None)
-        if policy is not None:
-            return policy.state_dtype
-        held = {t.dtype for state in getattr(self.optimizer, "state", {}).values() for t in state.values()
-                if torch.is_tensor(t) and t.numel() > 1}  # after the first update: what it stores (bitsandbytes)
-        if held & {torch.uint8, torch.int8}:
-            return "int8"
-        dtypes = held or {p.dtype for p in self.model.parameters() if p.requires_grad}
-        return "bf16" if dtypes == {torch.bfloat16} else "fp32"
-
     def _peak_memory(self, logged_peak: int) -> str | None:
         """The CUDA peak over the run (the logging windows reset torch's counter), or None off CUDA."""
         if self.device.type != "cuda":
@@ -468,7 +457,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         # what a study's table names beside the bytes: the moments' storage and the model's size
-        described = {"state_dtype": self._state_dtype(), "parameters": count_parameters(self.model)["total"]}
+        described = {"state_dtype": state_dtype_of(self.model, self.optimizer), "parameters": count_parameters(self.model)["total"]}
         if len(reports) == 1:
             log.info("memory (tensor bytes after the first update):\n" + format_memory_table(report))
             self.metrics.log({"step": self.step, "event": "memory", **described, **report})
